@@ -1,0 +1,78 @@
+// Shared description of one NFTensor's geometry (docs/format.md) and the argument checks
+// every backend runs before touching memory. Host-only.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+#include "lqlora/pack.h"
+
+namespace lqlora {
+
+struct NFLayout {
+  int64_t rows, cols;       // logical weight shape [rows, cols]
+  int64_t numel;            // rows * cols
+  int bits;                 // b: bits per weight code
+  int64_t block_size;       // B0: weights per first-level scale
+  int scale_bits;           // b0: bits per first-level scale code
+  int64_t scale_block_size; // B1: first-level scales per second-level scale
+  int64_t nblocks() const { return (numel + block_size - 1) / block_size; }
+  int64_t ngroups() const { return (nblocks() + scale_block_size - 1) / scale_block_size; }
+  int64_t code_words() const { return packed_words(numel, bits); }
+  int64_t scale_words() const { return packed_words(nblocks(), scale_bits); }
+};
+
+inline void check_config(int64_t bits, int64_t block_size, int64_t scale_bits,
+                         int64_t scale_block_size) {
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "lqlora: bits must be in 2..8, got ", bits);
+  TORCH_CHECK_VALUE(block_size == 16 || block_size == 32 || block_size == 64 ||
+                        block_size == 128 || block_size == 256,
+                    "lqlora: block_size must be one of 16, 32, 64, 128, 256, got ", block_size);
+  TORCH_CHECK_VALUE(scale_bits == 2 || scale_bits == 3 || scale_bits == 4 || scale_bits == 8,
+                    "lqlora: scale_bits must be one of 2, 3, 4, 8, got ", scale_bits);
+  TORCH_CHECK_VALUE(scale_block_size == 16 || scale_block_size == 64 || scale_block_size == 256,
+                    "lqlora: scale_block_size must be one of 16, 64, 256, got ", scale_block_size);
+}
+
+inline NFLayout make_layout(int64_t rows, int64_t cols, int64_t bits, int64_t block_size,
+                            int64_t scale_bits, int64_t scale_block_size) {
+  check_config(bits, block_size, scale_bits, scale_block_size);
+  TORCH_CHECK_VALUE(rows > 0 && cols > 0, "lqlora: weight shape must be non-empty, got [", rows,
+                    ", ", cols, "]");
+  TORCH_CHECK_VALUE(rows * cols < (int64_t(1) << 31),
+                    "lqlora: weights with 2^31 or more elements are not supported, got [", rows,
+                    ", ", cols, "]");
+  return NFLayout{rows, cols, rows * cols, static_cast<int>(bits), block_size,
+                  static_cast<int>(scale_bits), scale_block_size};
+}
+
+// Checks the four packed tensors (and the level table) against the layout: dtype, length,
+// device, contiguity. Every kernel calls this first so a mismatched NFTensor is an error,
+// never an out-of-bounds read.
+inline void check_packed(const NFLayout& L, const at::Tensor& qcodes, const at::Tensor& qscales,
+                         const at::Tensor& scale2, const at::Tensor& offset,
+                         const at::Tensor& levels) {
+  auto dev = qcodes.device();
+  auto chk = [&](const at::Tensor& t, const char* name, at::ScalarType dt, int64_t len) {
+    TORCH_CHECK_TYPE(t.scalar_type() == dt, "lqlora: ", name, " must be ", dt, ", got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == len, "lqlora: ", name,
+                      " must be 1-D with ", len, " elements for this shape/config, got shape ",
+                      t.sizes());
+    TORCH_CHECK_VALUE(t.device() == dev, "lqlora: ", name, " is on ", t.device(),
+                      " but qcodes is on ", dev);
+    TORCH_CHECK_VALUE(t.is_contiguous(), "lqlora: ", name, " must be contiguous");
+  };
+  chk(qcodes, "qcodes", at::kInt, L.code_words());
+  chk(qscales, "qscales", at::kInt, L.scale_words());
+  TORCH_CHECK_TYPE(scale2.scalar_type() == at::kFloat || scale2.scalar_type() == at::kHalf ||
+                       scale2.scalar_type() == at::kBFloat16,
+                   "lqlora: scale2 must be float32, float16 or bfloat16, got ",
+                   scale2.scalar_type());
+  chk(scale2, "scale2", scale2.scalar_type(), L.ngroups());
+  chk(offset, "offset", at::kFloat, 1);
+  chk(levels, "levels", at::kFloat, int64_t(1) << L.bits);
+}
+
+}  // namespace lqlora
