@@ -1,0 +1,262 @@
+"""Quantization configs, NormalFloat code books and the packed ``NFTensor`` storage class.
+
+The storage contract is docs/format.md (format version 1); :class:`NFTensor` documents it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+FORMAT_NAME = "lqlora-nf"
+FORMAT_VERSION = 1
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+SCALE_BITS = (2, 3, 4, 8)
+SCALE_BLOCK_SIZES = (16, 64, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """One quantization configuration (b, B0, b0, B1, b1) of METHOD.md §1.
+
+    bits: bits per weight code (2..8). block_size: weights sharing one absmax scale (B0).
+    scale_bits: bits per quantized first-level scale (b0). scale_block_size: first-level
+    scales sharing one second-level scale (B1). scale_dtype: storage dtype of the
+    second-level scales (b1).
+    """
+
+    bits: int
+    block_size: int = 64
+    scale_bits: int = 8
+    scale_block_size: int = 256
+    scale_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"QuantConfig: bits must be an integer in 2..8, got {self.bits!r}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"QuantConfig: block_size must be one of {BLOCK_SIZES}, "
+                             f"got {self.block_size!r}")
+        if self.scale_bits not in SCALE_BITS:
+            raise ValueError(f"QuantConfig: scale_bits must be one of {SCALE_BITS}, "
+                             f"got {self.scale_bits!r}")
+        if self.scale_block_size not in SCALE_BLOCK_SIZES:
+            raise ValueError(f"QuantConfig: scale_block_size must be one of "
+                             f"{SCALE_BLOCK_SIZES}, got {self.scale_block_size!r}")
+        if self.scale_dtype not in _DTYPE_BITS:
+            raise ValueError("QuantConfig: scale_dtype must be torch.float32, torch.float16 or "
+                             f"torch.bfloat16, got {self.scale_dtype!r}")
+
+    @property
+    def bits_per_param(self) -> float:
+        """Storage in bits per weight: b + b0/B0 + bits(b1)/(B0*B1)."""
+        return (self.bits + self.scale_bits / self.block_size
+                + _DTYPE_BITS[self.scale_dtype] / (self.block_size * self.scale_block_size))
+
+    @property
+    def name(self) -> str:
+        """Short readable id, e.g. ``nf4-b64-s8x256-fp32``."""
+        dt = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[
+            _DTYPE_NAMES[self.scale_dtype]]
+        return f"nf{self.bits}-b{self.block_size}-s{self.scale_bits}x{self.scale_block_size}-{dt}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"bits": self.bits, "block_size": self.block_size, "scale_bits": self.scale_bits,
+                "scale_block_size": self.scale_block_size,
+                "scale_dtype": _DTYPE_NAMES[self.scale_dtype]}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "QuantConfig":
+        try:
+            return cls(int(d["bits"]), int(d["block_size"]), int(d["scale_bits"]),
+                       int(d["scale_block_size"]), _NAME_DTYPES[d["scale_dtype"]])
+        except KeyError as e:
+            raise ValueError(f"QuantConfig.from_dict: missing or invalid field {e}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _nf_code_cpu(bits: int) -> Tensor:
+    p = 0.9677083
+    half = 2 ** (bits - 1)
+    neg = torch.linspace(1 - p, 0.5, half, dtype=torch.float64)[:-1]
+    pos = torch.linspace(0.5, p, half + 1, dtype=torch.float64)
+    v = torch.special.ndtri(torch.cat([neg, pos]))
+    v[half - 1] = 0.0  # ndtri(0.5) is exactly 0, but be explicit: the code has an exact zero
+    return (v / v.abs().max()).to(torch.float32)
+
+
+def nf_code(bits: int) -> Tensor:
+    """The ``2**bits`` NormalFloat levels (fp32, ascending, exact 0, in [-1, 1]).
+
+    QLoRA's construction generalized to any width (METHOD.md §1); NF4 equals the
+    bitsandbytes table.
+    """
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"nf_code: bits must be an integer in 2..8, got {bits!r}")
+    return _nf_code_cpu(bits).clone()
+
+
+class NFTensor:
+    """A 2-D weight ``[rows, cols]`` stored as blockwise NormalFloat with double-quantized
+    scales (docs/format.md, format version 1).
+
+    Fields (all on one device): ``qcodes`` int32 ``[ceil(rows*cols/32)*bits]``,
+    ``qscales`` int32 ``[ceil(nblocks/32)*scale_bits]``, ``scale2`` ``[ngroups]`` in
+    ``config.scale_dtype``, ``offset`` fp32 ``[1]``, and ``levels`` fp32 ``[2**bits]``
+    (derived from ``bits``; not part of the serialized state). Frozen: it carries no
+    gradient. ``nbytes`` counts the four stored tensors.
+    """
+
+    __slots__ = ("qcodes", "qscales", "scale2", "offset", "levels", "shape", "config")
+
+    def __init__(self, qcodes: Tensor, qscales: Tensor, scale2: Tensor, offset: Tensor,
+                 shape, config: QuantConfig, levels: Optional[Tensor] = None):
+        self.qcodes, self.qscales, self.scale2, self.offset = qcodes, qscales, scale2, offset
+        self.shape = torch.Size(shape)
+        self.config = config
+        self.levels = (nf_code(config.bits).to(qcodes.device) if levels is None else levels)
+
+    # -- geometry -----------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel // self.config.block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qcodes.device
+
+    @property
+    def nbytes(self) -> int:
+        """True storage in bytes of the packed tensors."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.qcodes, self.qscales, self.scale2, self.offset))
+
+    def _args(self):
+        return (self.qcodes, self.qscales, self.scale2, self.offset, self.levels)
+
+    # -- conversion ---------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Dense ``[rows, cols]`` reconstruction in ``dtype``."""
+        c = self.config
+        return ops.dequantize(*self._args(), self.shape[0], self.shape[1], c.bits, c.block_size,
+                              c.scale_bits, c.scale_block_size, dtype)
+
+    def scales(self) -> Tensor:
+        """Decoded fp32 first-level scales ``[nblocks]``."""
+        c = self.config
+        return ops.unpack_scales(self.qscales, self.scale2, self.offset, self.nblocks,
+                                 c.scale_bits, c.scale_block_size)
+
+    def to(self, device) -> "NFTensor":
+        return NFTensor(*(t.to(device) for t in (self.qcodes, self.qscales, self.scale2,
+                                                 self.offset)),
+                        self.shape, self.config, self.levels.to(device))
+
+    def __repr__(self) -> str:
+        return (f"NFTensor(shape={tuple(self.shape)}, config={self.config.name}, "
+                f"bits_per_param={self.config.bits_per_param:.4f}, nbytes={self.nbytes}, "
+                f"device={self.device})")
+
+    # -- serialization ------------------------------------------------------------------
+    def metadata(self) -> Dict[str, Any]:
+        """JSON-able description (format, version, shape, config)."""
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "shape": list(self.shape),
+                **self.config.to_dict()}
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        """Plain tensors (safetensors-friendly). ``meta`` is an int64 tensor
+        ``[version, rows, cols, bits, block_size, scale_bits, scale_block_size, dtype_bits]``
+        so a state dict describes itself; :meth:`metadata` gives the same as JSON."""
+        c = self.config
+        meta = torch.tensor([FORMAT_VERSION, self.shape[0], self.shape[1], c.bits, c.block_size,
+                             c.scale_bits, c.scale_block_size,
+                             _DTYPE_CODES[c.scale_dtype]], dtype=torch.int64)
+        return {"qcodes": self.qcodes, "qscales": self.qscales, "scale2": self.scale2,
+                "offset": self.offset, "meta": meta}
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, Tensor],
+                        metadata: Optional[Dict[str, Any]] = None) -> "NFTensor":
+        """Rebuild from :meth:`state_dict` output, refusing other format versions and any
+        tensor whose dtype or length disagrees with the described shape/config."""
+        missing = [k for k in ("qcodes", "qscales", "scale2", "offset", "meta") if k not in state]
+        if missing:
+            raise ValueError(f"NFTensor.from_state_dict: missing keys {missing}")
+        meta = state["meta"].tolist()
+        if len(meta) != 8:
+            raise ValueError(f"NFTensor.from_state_dict: corrupt 'meta' tensor {meta}")
+        version, rows, cols, bits, bs, sbits, sbs, dcode = meta
+        if version != FORMAT_VERSION:
+            raise ValueError(f"NFTensor.from_state_dict: format version {version} is not "
+                             f"supported (this lqlora_ext reads version {FORMAT_VERSION})")
+        if dcode not in _CODE_DTYPES:
+            raise ValueError(f"NFTensor.from_state_dict: unknown scale dtype code {dcode}")
+        config = QuantConfig(bits, bs, sbits, sbs, _CODE_DTYPES[dcode])
+        if metadata is not None:
+            want = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "shape": [rows, cols],
+                    **config.to_dict()}
+            diff = {k: (metadata.get(k), v) for k, v in want.items() if metadata.get(k) != v}
+            if diff:
+                raise ValueError(f"NFTensor.from_state_dict: metadata disagrees with the "
+                                 f"tensors: {diff}")
+        n = rows * cols
+        nb = -(-n // bs)
+        expect = {"qcodes": (torch.int32, -(-n // 32) * bits),
+                  "qscales": (torch.int32, -(-nb // 32) * sbits),
+                  "scale2": (config.scale_dtype, -(-nb // sbs)),
+                  "offset": (torch.float32, 1)}
+        for k, (dt, length) in expect.items():
+            t = state[k]
+            if t.dtype != dt or t.dim() != 1 or t.numel() != length:
+                raise ValueError(
+                    f"NFTensor.from_state_dict: '{k}' should be {dt} with {length} elements "
+                    f"for a [{rows}, {cols}] {config.name} weight, got {t.dtype} "
+                    f"{tuple(t.shape)} (corrupt or mismatched checkpoint)")
+        if not torch.isfinite(state["offset"]).all() or not torch.isfinite(
+                state["scale2"].float()).all():
+            raise ValueError("NFTensor.from_state_dict: non-finite scales (corrupt checkpoint)")
+        return cls(state["qcodes"].contiguous(), state["qscales"].contiguous(),
+                   state["scale2"].contiguous(), state["offset"].contiguous(), (rows, cols),
+                   config)
+
+
+_DTYPE_CODES = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 17}
+_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+
+
+def quantize(w: Tensor, config: QuantConfig) -> NFTensor:
+    """Quantize a 2-D floating weight ``[rows, cols]`` to an :class:`NFTensor`.
+
+    Raises ``ValueError``/``TypeError`` naming the problem for non-2-D, empty, integer or
+    non-finite weights (NaN/Inf: the message gives the first bad position).
+    """
+    if not isinstance(w, Tensor):
+        raise TypeError(f"quantize: expected a torch.Tensor, got {type(w).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"quantize: config must be a QuantConfig, got {type(config).__name__}")
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"quantize: weight must be a floating tensor, got {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"quantize: weight must be 2-D [out, in], got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError(f"quantize: weight is empty, shape {tuple(w.shape)}")
+    levels = nf_code(config.bits).to(w.device)
+    c = config
+    packed = ops.quantize(w.detach(), levels, c.bits, c.block_size, c.scale_bits,
+                          c.scale_block_size, c.scale_dtype)
+    return NFTensor(*packed, w.shape, config, levels)
+
+

@@ -1,0 +1,168 @@
+"""Thin typed wrappers over the ``torch.ops.lqlora`` operators, their fake (meta) kernels
+and autograd registration. Nothing above this module touches the compiled library.
+
+Packed-weight arguments follow docs/format.md (format version 1):
+
+- ``qcodes``  int32 ``[ceil(rows*cols/32) * bits]``: weight codes, 32-code groups.
+- ``qscales`` int32 ``[ceil(nblocks/32) * scale_bits]``: first-level scale codes.
+- ``scale2``  fp32/fp16/bf16 ``[ngroups]``: second-level scales.
+- ``offset``  fp32 ``[1]``.
+- ``levels``  fp32 ``[2**bits]``: the NormalFloat table.
+
+with ``nblocks = ceil(rows*cols / block_size)`` and
+``ngroups = ceil(nblocks / scale_block_size)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers torch.ops.lqlora.*)
+
+_ops = torch.ops.lqlora
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------------------- quantize
+def quantize(w: Tensor, levels: Tensor, bits: int, block_size: int, scale_bits: int,
+             scale_block_size: int, scale_dtype: torch.dtype):
+    """Quantize a dense ``w [rows, cols]`` (fp32/bf16/fp16) to the packed format.
+
+    Returns ``(qcodes, qscales, scale2, offset)``.
+    """
+    return _ops.quantize(w, levels, bits, block_size, scale_bits, scale_block_size, scale_dtype)
+
+
+@torch.library.register_fake("lqlora::quantize")
+def _quantize_fake(w, levels, bits, block_size, scale_bits, scale_block_size, scale_dtype):
+    torch._check(w.dim() == 2, lambda: f"lqlora.quantize: weight must be 2-D, got {w.dim()}-D")
+    torch._check(w.dtype.is_floating_point,
+                 lambda: f"lqlora.quantize: weight must be floating, got {w.dtype}")
+    n = w.shape[0] * w.shape[1]
+    nb = _cdiv(n, block_size)
+    return (w.new_empty((_cdiv(n, 32) * bits,), dtype=torch.int32),
+            w.new_empty((_cdiv(nb, 32) * scale_bits,), dtype=torch.int32),
+            w.new_empty((_cdiv(nb, scale_block_size),), dtype=scale_dtype),
+            w.new_empty((1,), dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------ unpack_scales
+def unpack_scales(qscales: Tensor, scale2: Tensor, offset: Tensor, nblocks: int,
+                  scale_bits: int, scale_block_size: int) -> Tensor:
+    """Decode double-quantized scales to fp32 first-level scales ``[nblocks]``."""
+    return _ops.unpack_scales(qscales, scale2, offset, nblocks, scale_bits, scale_block_size)
+
+
+@torch.library.register_fake("lqlora::unpack_scales")
+def _unpack_scales_fake(qscales, scale2, offset, nblocks, scale_bits, scale_block_size):
+    torch._check(qscales.numel() == _cdiv(nblocks, 32) * scale_bits,
+                 lambda: "lqlora.unpack_scales: qscales does not match nblocks")
+    return qscales.new_empty((nblocks,), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- dequantize
+def dequantize(qcodes: Tensor, qscales: Tensor, scale2: Tensor, offset: Tensor, levels: Tensor,
+               rows: int, cols: int, bits: int, block_size: int, scale_bits: int,
+               scale_block_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Packed weight -> dense ``[rows, cols]`` in ``dtype``."""
+    return _ops.dequantize(qcodes, qscales, scale2, offset, levels, rows, cols, bits, block_size,
+                           scale_bits, scale_block_size, dtype)
+
+
+@torch.library.register_fake("lqlora::dequantize")
+def _dequantize_fake(qcodes, qscales, scale2, offset, levels, rows, cols, bits, block_size,
+                     scale_bits, scale_block_size, dtype):
+    torch._check(qcodes.numel() == _cdiv(rows * cols, 32) * bits,
+                 lambda: "lqlora.dequantize: qcodes does not match the weight shape")
+    return qcodes.new_empty((rows, cols), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------ qmatmul
+def qmatmul(x: Tensor, qcodes: Tensor, qscales: Tensor, scale2: Tensor, offset: Tensor,
+            levels: Tensor, rows: int, bits: int, block_size: int, scale_bits: int,
+            scale_block_size: int, lora_a: Optional[Tensor] = None,
+            lora_b: Optional[Tensor] = None, lora_scale: float = 1.0) -> Tensor:
+    """``x [M, K] @ W^T (+ lora_scale * (x @ lora_a^T) @ lora_b^T)`` -> ``[M, rows]`` in
+    x's dtype, ``W [rows, K]`` packed. ``lora_a [r, K]``, ``lora_b [rows, r]``."""
+    return _ops.qmatmul(x, qcodes, qscales, scale2, offset, levels, rows, bits, block_size,
+                        scale_bits, scale_block_size, lora_a, lora_b, float(lora_scale))
+
+
+@torch.library.register_fake("lqlora::qmatmul")
+def _qmatmul_fake(x, qcodes, qscales, scale2, offset, levels, rows, bits, block_size,
+                  scale_bits, scale_block_size, lora_a, lora_b, lora_scale):
+    torch._check(x.dim() == 2, lambda: f"lqlora.qmatmul: x must be 2-D [M, K], got {x.dim()}-D")
+    torch._check(qcodes.numel() == _cdiv(rows * x.shape[1], 32) * bits,
+                 lambda: "lqlora.qmatmul: x's inner size does not match the packed weight")
+    torch._check((lora_a is None) == (lora_b is None),
+                 lambda: "lqlora.qmatmul: lora_a and lora_b must be given together")
+    return x.new_empty((x.shape[0], rows))
+
+
+def qmatmul_t(g: Tensor, qcodes: Tensor, qscales: Tensor, scale2: Tensor, offset: Tensor,
+              levels: Tensor, cols: int, bits: int, block_size: int, scale_bits: int,
+              scale_block_size: int) -> Tensor:
+    """``g [M, rows] @ W`` -> ``[M, cols]`` in g's dtype (qmatmul's input gradient)."""
+    return _ops.qmatmul_t(g, qcodes, qscales, scale2, offset, levels, cols, bits, block_size,
+                          scale_bits, scale_block_size)
+
+
+@torch.library.register_fake("lqlora::qmatmul_t")
+def _qmatmul_t_fake(g, qcodes, qscales, scale2, offset, levels, cols, bits, block_size,
+                    scale_bits, scale_block_size):
+    torch._check(g.dim() == 2, lambda: f"lqlora.qmatmul_t: g must be 2-D, got {g.dim()}-D")
+    torch._check(qcodes.numel() == _cdiv(g.shape[1] * cols, 32) * bits,
+                 lambda: "lqlora.qmatmul_t: g's inner size does not match the packed weight")
+    return g.new_empty((g.shape[0], cols))
+
+
+def _qmatmul_setup(ctx, inputs, output):
+    x, qcodes, qscales, scale2, offset, levels, rows, bits, bs, sbits, sbs, a, b, s = inputs
+    ctx.meta = (x.shape[1], bits, bs, sbits, sbs, s)
+    ctx.save_for_backward(x, qcodes, qscales, scale2, offset, levels, a, b)
+
+
+def _qmatmul_backward(ctx, grad):
+    x, qcodes, qscales, scale2, offset, levels, a, b = ctx.saved_tensors
+    cols, bits, bs, sbits, sbs, s = ctx.meta
+    gx = ga = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = qmatmul_t(grad, qcodes, qscales, scale2, offset, levels, cols, bits, bs, sbits, sbs)
+    if a is not None:
+        gb_proj = grad @ b.to(grad.dtype)                 # [M, r]
+        if ctx.needs_input_grad[0]:
+            gx = gx + s * (gb_proj @ a.to(grad.dtype)).to(gx.dtype)
+        if ctx.needs_input_grad[11]:
+            ga = (s * gb_proj.t() @ x.to(grad.dtype)).to(a.dtype)        # [r, K]
+        if ctx.needs_input_grad[12]:
+            gb = (s * grad.t() @ (x @ a.to(x.dtype).t()).to(grad.dtype)).to(b.dtype)  # [N, r]
+    return gx, None, None, None, None, None, None, None, None, None, None, ga, gb, None
+
+
+torch.library.register_autograd("lqlora::qmatmul", _qmatmul_backward,
+                                setup_context=_qmatmul_setup)
+
+
+# --------------------------------------------------------------------------------- rsvd
+def rsvd(a: Tensor, rank: int, oversample: int = 10, niter: int = 2, seed: int = 0,
+         init: Optional[Tensor] = None):
+    """Seeded randomized SVD of ``a [..., m, n]`` (fp32/fp64).
+
+    Returns ``U [..., m, rank]``, ``S [..., rank]``, ``V [..., n, rank]`` with
+    ``a ≈ U diag(S) V^T``. ``init [..., n, min(rank + oversample, m, n)]`` replaces the
+    Gaussian sketch (warm start). Same inputs and seed give the same outputs.
+    """
+    return _ops.rsvd(a, rank, oversample, niter, seed, init)
+
+
+@torch.library.register_fake("lqlora::rsvd")
+def _rsvd_fake(a, rank, oversample, niter, seed, init):
+    torch._check(a.dim() >= 2, lambda: "lqlora.rsvd: input must be [..., m, n]")
+    *batch, m, n = a.shape
+    return (a.new_empty((*batch, m, rank)), a.new_empty((*batch, rank)),
+            a.new_empty((*batch, n, rank)))
