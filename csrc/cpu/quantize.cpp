@@ -92,10 +92,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
     shat[j] = (q * cg) / Lq + offset;
   }
   // 6. weight codes: nearest level with midpoint boundaries, ties to the lower level.
+  // Branchless binary search over the midpoints, padded with +inf to 2^bits entries:
+  // `bits` steps give #{m : mid[m] < x}, the nearest level with ties to the lower one.
   const int nlev = 1 << bits;
-  std::vector<float> mids(nlev - 1);
+  std::vector<float> mids(nlev, std::numeric_limits<float>::infinity());
   const float* lv = levels.data_ptr<float>();
   for (int m = 0; m + 1 < nlev; ++m) mids[m] = (lv[m] + lv[m + 1]) / 2.f;
+  const float* mp = mids.data();
+  auto code_of = [mp, bits](float x) {
+    int pos = 0;
+    for (int step = 1 << (bits - 1); step > 0; step >>= 1)
+      pos += (mp[pos + step - 1] < x) ? step : 0;
+    return static_cast<uint8_t>(pos);
+  };
 
   at::Tensor qcodes = at::empty({L.code_words()}, w.options().dtype(at::kInt));
   auto* qc = reinterpret_cast<uint32_t*>(qcodes.data_ptr<int32_t>());
@@ -107,8 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
         const int64_t idx = g * 32 + i;
         if (idx >= n) { codes[i] = 0; continue; }
         const float s = shat[idx / block_size];
-        const float x = s == 0.f ? 0.f : wp[idx] / s;
-        codes[i] = static_cast<uint8_t>(std::lower_bound(mids.begin(), mids.end(), x) - mids.begin());
+        codes[i] = code_of(s == 0.f ? 0.f : wp[idx] / s);
       }
       pack_group(codes, static_cast<int>(bits), qc + g * bits);
     }

@@ -1,0 +1,194 @@
+"""Saving and loading LQ-LoRA models: one safetensors file plus a JSON manifest.
+
+Layout of a checkpoint directory:
+
+- ``model.safetensors``: the model's whole state dict (LQLinear buffers qcodes/qscales/
+  scale2/offset, lora_A/lora_B, every other parameter and buffer), tied tensors stored
+  once.
+- ``lqlora.json``: ``{"format": "lqlora-checkpoint", "version": 1, "modules": {name:
+  {shape, rank, scaling, bias, quant}}, "aliases": {key: stored key}, "sha256", "nbytes"}``.
+
+Writes are atomic: everything goes to a temporary sibling directory that replaces the
+target only once complete, so a failed save leaves no partial directory in place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .formats import FORMAT_VERSION, NFTensor, QuantConfig, _DTYPE_CODES
+from .nn import LQLinear
+
+CKPT_FORMAT = "lqlora-checkpoint"
+CKPT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "lqlora.json"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def lq_modules(model: nn.Module) -> Dict[str, dict]:
+    """Manifest entries for every LQLinear in ``model``."""
+    return {name: {"shape": [m.out_features, m.in_features], "rank": m.rank,
+                   "scaling": m.scaling, "bias": m.bias is not None,
+                   "quant": m.quant_config.to_dict()}
+            for name, m in model.named_modules() if isinstance(m, LQLinear)}
+
+
+def _dedup(state: Dict[str, torch.Tensor]):
+    tensors, aliases, seen = {}, {}, {}
+    for k, t in state.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]
+        else:
+            if key is not None:
+                seen[key] = k
+            tensors[k] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def save_quantized(model: nn.Module, path: str) -> None:
+    """Save a model quantized by :func:`~lqlora_ext.quantize_model` to directory ``path``
+    (atomically: a failure leaves any previous ``path`` untouched and no partial one)."""
+    from safetensors.torch import save_file
+
+    modules = lq_modules(model)
+    if not modules:
+        raise ValueError("save_quantized: the model has no LQLinear layers (run "
+                         "lqlora_ext.quantize_model first)")
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        tensors, aliases = _dedup(model.state_dict())
+        wpath = os.path.join(tmp, WEIGHTS)
+        save_file(tensors, wpath, metadata={"format": CKPT_FORMAT})
+        manifest = {"format": CKPT_FORMAT, "version": CKPT_VERSION,
+                    "nf_format_version": FORMAT_VERSION, "modules": modules,
+                    "aliases": aliases, "nbytes": os.path.getsize(wpath),
+                    "sha256": _sha256(wpath)}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise ValueError(f"load_quantized: {path!r} is not an lqlora checkpoint (no {MANIFEST})")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"load_quantized: corrupt manifest {mpath}: {e}") from None
+    if manifest.get("format") != CKPT_FORMAT:
+        raise ValueError(f"load_quantized: {mpath} is not an lqlora checkpoint manifest")
+    if manifest.get("version") != CKPT_VERSION or \
+            manifest.get("nf_format_version") != FORMAT_VERSION:
+        raise ValueError(f"load_quantized: checkpoint version {manifest.get('version')} / NF "
+                         f"format {manifest.get('nf_format_version')} not supported (this "
+                         f"lqlora_ext reads {CKPT_VERSION} / {FORMAT_VERSION})")
+    return manifest
+
+
+def load_state(path: str, manifest: dict) -> Dict[str, torch.Tensor]:
+    """The checkpoint's full state dict, after verifying size and checksum."""
+    from safetensors.torch import load_file
+
+    wpath = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(wpath):
+        raise ValueError(f"load_quantized: missing {wpath}")
+    size = os.path.getsize(wpath)
+    if size != manifest.get("nbytes") or _sha256(wpath) != manifest.get("sha256"):
+        raise ValueError(f"load_quantized: {wpath} is corrupt or truncated ({size} bytes, "
+                         f"checksum mismatch with {MANIFEST})")
+    try:
+        state = load_file(wpath)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"load_quantized: cannot read {wpath}: {e}") from None
+    for k, src in manifest.get("aliases", {}).items():
+        if src not in state:
+            raise ValueError(f"load_quantized: alias {k} -> {src} points at a missing tensor")
+        state[k] = state[src]
+    return state
+
+
+def install_lq_layers(model: nn.Module, modules: Dict[str, dict],
+                      state: Dict[str, torch.Tensor]) -> None:
+    """Replace each named ``nn.Linear`` by an LQLinear built from ``state``."""
+    for name, info in modules.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"load_quantized: the model has no module {name!r} "
+                             "(checkpoint from a different architecture?)") from None
+        shape = tuple(info["shape"])
+        if not isinstance(old, (nn.Linear, LQLinear)) or \
+                (old.out_features, old.in_features) != shape:
+            raise ValueError(f"load_quantized: {name} is {old.__class__.__name__} "
+                             f"{getattr(old, 'out_features', '?')}x"
+                             f"{getattr(old, 'in_features', '?')}, the checkpoint has a "
+                             f"{shape[0]}x{shape[1]} LQLinear")
+        cfg = QuantConfig.from_dict(info["quant"])
+        p = name + "."
+        try:
+            sd = {k: state[p + k] for k in ("qcodes", "qscales", "scale2", "offset")}
+            a, b = state[p + "lora_A"], state[p + "lora_B"]
+        except KeyError as e:
+            raise ValueError(f"load_quantized: checkpoint lacks tensor {e}") from None
+        sd["meta"] = torch.tensor([FORMAT_VERSION, *shape, cfg.bits, cfg.block_size,
+                                   cfg.scale_bits, cfg.scale_block_size,
+                                   _DTYPE_CODES[cfg.scale_dtype]])
+        q = NFTensor.from_state_dict(sd)
+        bias = state.get(p + "bias") if info["bias"] else None
+        dev = next((t.device for t in old.parameters()), torch.device("cpu"))
+        layer = LQLinear(q, a, b, info["scaling"], bias).to(dev)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def load_quantized(path: str, model: nn.Module) -> nn.Module:
+    """Load a checkpoint written by :func:`save_quantized` into ``model`` (an instance of
+    the same architecture, dense or already quantized), in place; returns ``model``.
+    Refuses corrupt/truncated files and checkpoints that do not match the model."""
+    manifest = read_manifest(path)
+    state = load_state(path, manifest)
+    install_lq_layers(model, manifest["modules"], state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"load_quantized: checkpoint does not match the model: missing "
+                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, t in own.items():
+        if t.shape != state[k].shape:
+            raise ValueError(f"load_quantized: {k} has shape {tuple(state[k].shape)} in the "
+                             f"checkpoint, {tuple(t.shape)} in the model")
+    model.load_state_dict(state, strict=True)
+    return model
