@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "lqlora/format.h"
+#include "lqlora/switch.h"
 #include "scales.h"
 
 namespace lqlora::cpu {
@@ -35,6 +36,55 @@ void check_levels(const at::Tensor& levels, int64_t bits, const at::Device& dev)
                     " entries, got shape ", levels.sizes());
   TORCH_CHECK_VALUE(levels.device() == dev, "lqlora: levels is on ", levels.device(),
                     " but the weight is on ", dev);
+}
+
+// Weight codes of 32-code groups [g0, g1): x = w / ŝ (exact division, as the reference;
+// x = 0 where ŝ = 0), code = #{m : mid[m] < x}, packed to Bits-bit codes. `mids` holds the
+// 2^Bits - 1 midpoints padded with +inf. One block lookup per group (B0 >= 32) or per half
+// group (B0 = 16): an integer division per element would cost more than everything else.
+template <int Bits>
+void encode_groups(const float* wp, int64_t n, const float* shat, int64_t block_size,
+                   const float* mids, int64_t g0, int64_t g1, uint32_t* qc) {
+  constexpr int kLevels = 1 << Bits;
+  alignas(64) float x[32];
+  alignas(64) uint8_t codes[32];
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t base = g * 32;
+    if (base + 32 <= n) {
+      const float* w = wp + base;
+      const float s0 = shat[base / block_size];
+      const float s1 = block_size >= 32 ? s0 : shat[base / block_size + 1];
+      for (int i = 0; i < 32; ++i) {
+        const float s = i < 16 ? s0 : s1;
+        x[i] = (s == 0.f) ? 0.f : w[i] / s;
+      }
+    } else {  // the ragged last group
+      for (int i = 0; i < 32; ++i) {
+        const int64_t idx = base + i;
+        const float s = idx < n ? shat[idx / block_size] : 0.f;
+        x[i] = (s == 0.f) ? 0.f : wp[idx] / s;
+      }
+    }
+    if constexpr (Bits <= 4) {
+      // Few levels: count midpoints below x with compares over all 32 lanes (vectorizes).
+      int32_t cnt[32] = {0};
+      for (int m = 0; m + 1 < kLevels; ++m) {
+        const float mid = mids[m];
+        for (int i = 0; i < 32; ++i) cnt[i] += (x[i] > mid) ? 1 : 0;
+      }
+      for (int i = 0; i < 32; ++i) codes[i] = static_cast<uint8_t>(cnt[i]);
+    } else {  // branchless binary search, Bits steps
+      for (int i = 0; i < 32; ++i) {
+        int pos = 0;
+#pragma GCC unroll 8
+        for (int k = Bits - 1; k >= 0; --k)
+          pos += (mids[pos + (1 << k) - 1] < x[i]) ? (1 << k) : 0;
+        codes[i] = static_cast<uint8_t>(pos);
+      }
+    }
+    for (int64_t i = std::max<int64_t>(0, n - base); i < 32; ++i) codes[i] = 0;  // zero pad
+    pack_group(codes, Bits, qc + g * Bits);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
@@ -92,34 +142,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
     shat[j] = (q * cg) / Lq + offset;
   }
   // 6. weight codes: nearest level with midpoint boundaries, ties to the lower level.
-  // Branchless binary search over the midpoints, padded with +inf to 2^bits entries:
-  // `bits` steps give #{m : mid[m] < x}, the nearest level with ties to the lower one.
+  // Midpoints padded with +inf to 2^bits entries (encode_groups' binary search).
   const int nlev = 1 << bits;
   std::vector<float> mids(nlev, std::numeric_limits<float>::infinity());
   const float* lv = levels.data_ptr<float>();
   for (int m = 0; m + 1 < nlev; ++m) mids[m] = (lv[m] + lv[m + 1]) / 2.f;
   const float* mp = mids.data();
-  auto code_of = [mp, bits](float x) {
-    int pos = 0;
-    for (int step = 1 << (bits - 1); step > 0; step >>= 1)
-      pos += (mp[pos + step - 1] < x) ? step : 0;
-    return static_cast<uint8_t>(pos);
-  };
 
   at::Tensor qcodes = at::empty({L.code_words()}, w.options().dtype(at::kInt));
   auto* qc = reinterpret_cast<uint32_t*>(qcodes.data_ptr<int32_t>());
   const int64_t groups = (n + 31) / 32;
-  at::parallel_for(0, groups, 256, [&](int64_t b, int64_t e) {
-    uint8_t codes[32];
-    for (int64_t g = b; g < e; ++g) {
-      for (int i = 0; i < 32; ++i) {
-        const int64_t idx = g * 32 + i;
-        if (idx >= n) { codes[i] = 0; continue; }
-        const float s = shat[idx / block_size];
-        codes[i] = code_of(s == 0.f ? 0.f : wp[idx] / s);
-      }
-      pack_group(codes, static_cast<int>(bits), qc + g * bits);
-    }
+  LQ_BITS_SWITCH(bits, [&] {
+    at::parallel_for(0, groups, 256, [&](int64_t b, int64_t e) {
+      encode_groups<kBits>(wp, n, shat.data(), block_size, mp, b, e, qc);
+    });
   });
 
   at::Tensor qscales = at::empty({L.scale_words()}, w.options().dtype(at::kInt));

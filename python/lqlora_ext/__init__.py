@@ -1,10 +1,32 @@
 """lqlora_ext: LQ-LoRA (low-bit NormalFloat + low-rank) for PyTorch, with C++/CUDA kernels.
 
-Public API (stable names): QuantConfig, nf_code, quantize, NFTensor, qmatmul.
+Stable public names: QuantConfig, nf_code, quantize, NFTensor, qmatmul, decompose,
+Decomposition, estimate_fisher, solve_allocation, config_grid, LQLoRAConfig,
+quantize_model, AllocationReport, LQLinear, save_quantized, load_quantized.
 """
+from .checkpoint import load_quantized, save_quantized
+from .decomposition import Decomposition, decompose
 from .formats import FORMAT_VERSION, NFTensor, QuantConfig, nf_code, quantize
 from .functional import qmatmul
+from .model import AllocationReport, LQLoRAConfig, quantize_model
+from .nn import LQLinear
 
 __version__ = "0.1.0"
 
-__all__ = ["FORMAT_VERSION", "NFTensor", "QuantConfig", "nf_code", "quantize", "qmatmul"]
+# Imported on first use: they pull in highspy / autograd-heavy code not every user needs.
+_LAZY = {"estimate_fisher": "fisher", "solve_allocation": "allocation",
+         "config_grid": "allocation", "profile_costs": "profiling",
+         "select_linear_modules": "targets"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'lqlora_ext' has no attribute {name!r}")
+
+
+__all__ = ["FORMAT_VERSION", "NFTensor", "QuantConfig", "nf_code", "quantize", "qmatmul",
+           "Decomposition", "decompose", "LQLoRAConfig", "quantize_model", "AllocationReport",
+           "LQLinear", "save_quantized", "load_quantized", *_LAZY]
