@@ -133,6 +133,10 @@ def _resolve_grid(grid) -> List[QuantConfig]:
     return grid
 
 
+def _decompose_task(w, cfg, rank, fisher, seed, max_iters, tol):
+    return decompose(w, cfg, rank, fisher=fisher, seed=seed, max_iters=max_iters, tol=tol)
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -180,12 +184,7 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
     names = list(targets)
     numels = torch.tensor([targets[n].weight.numel() for n in names], dtype=torch.float64)
     bpp = torch.tensor([c.bits_per_param for c in grid], dtype=torch.float64)
-    if len(grid) == 1:
-        if grid[0].bits_per_param > config.budget_bits + 1e-9:
-            raise ValueError(f"quantize_model: the only config {grid[0].name} needs "
-                             f"{grid[0].bits_per_param:.4f} bits/param, above the budget "
-                             f"{config.budget_bits:g}; the smallest feasible budget is "
-                             f"{grid[0].bits_per_param:.4f}")
+    if len(grid) == 1:  # uniform quantization: nothing to allocate, the budget is moot
         choice = [0] * len(names)
     else:
         from .allocation import solve_allocation
@@ -202,20 +201,26 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
                               workers=config.workers, progress=config.progress)
         choice = solve_allocation(costs, numels, bpp, config.budget_bits).tolist()
 
+    from .profiling import map_matrices
+
+    tasks = [(targets[n].weight.detach(), grid[k], config.rank,
+              None if fishers is None else fishers[n].to(targets[n].weight.device),
+              config.seed, config.max_iters, config.tol) for n, k in zip(names, choice)]
+    results = [None] * len(names)
+    with tqdm(total=len(names), desc="decomposing", unit="matrix",
+              disable=not config.progress) as bar:
+        for i, d in map_matrices(_decompose_task, tasks, config.workers):
+            results[i] = d
+            bar.update(1)
+
     entries: List[MatrixReport] = []
     dense_bytes = quant_bytes = 0
-    s = config.scaling
-    for name, k in tqdm(list(zip(names, choice)), desc="decomposing", unit="matrix",
-                        disable=not config.progress):
-        lin = targets[name]
-        W = lin.weight.detach()
-        F = None if fishers is None else fishers[name].to(W.device)
-        d = decompose(W, grid[k], config.rank, fisher=F, seed=config.seed,
-                      max_iters=config.max_iters, tol=config.tol)
+    s, root = config.scaling, math.sqrt(config.scaling)
+    for name, k, d, task in zip(names, choice, results, tasks):
+        lin, W, F = targets[name], task[0], task[3]
         ref = float((W.float().square() * F).sum() if F is not None else W.float().square().sum())
         entries.append(MatrixReport(name, tuple(W.shape), grid[k], d.error,
                                     d.error / ref if ref > 0 else 0.0))
-        root = math.sqrt(s)
         layer = LQLinear(d.q, d.l2 / root, d.l1 / root, s,
                          None if lin.bias is None else lin.bias.detach())
         dense_bytes += W.numel() * W.element_size()

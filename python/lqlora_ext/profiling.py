@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -36,9 +36,7 @@ def _key(w: Tensor, fisher: Optional[Tensor], settings: dict) -> str:
 
 
 def _profile_one(w: Tensor, fisher: Optional[Tensor], configs: List[dict], rank: int,
-                 settings: dict, threads: Optional[int]) -> Dict[str, float]:
-    if threads is not None:
-        torch.set_num_threads(threads)
+                 settings: dict) -> Dict[str, float]:
     out = {}
     for cd in configs:
         c = QuantConfig.from_dict(cd)
@@ -46,6 +44,38 @@ def _profile_one(w: Tensor, fisher: Optional[Tensor], configs: List[dict], rank:
                       max_iters=settings["max_iters"], tol=settings["tol"])
         out[c.name] = d.error
     return out
+
+
+def _single_threaded(fn, *args):
+    torch.set_num_threads(1)
+    return fn(*args)
+
+
+def map_matrices(fn: Callable, tasks: Sequence[tuple], workers: Optional[int] = None
+                 ) -> Iterator[Tuple[int, object]]:
+    """Yield ``(index, fn(*tasks[index]))`` as tasks complete, over ``workers`` processes
+    (default: all cores) each running torch single-threaded; in this process when
+    ``workers <= 1``, there is a single task, or the tensors live on a GPU.
+
+    Why processes: the per-matrix work (small QR/SVD/GEMM calls) scales badly with
+    intra-op threads, and OpenMP threads spin when cores are oversubscribed.
+    """
+    if workers is None:
+        workers = os.cpu_count() or 1
+    on_gpu = any(isinstance(a, Tensor) and a.device.type != "cpu" for t in tasks for a in t)
+    if workers <= 1 or len(tasks) <= 1 or on_gpu:
+        for i, t in enumerate(tasks):
+            yield i, fn(*t)
+        return
+    # fork: workers inherit the weights without pickling and, unlike spawn, need no
+    # `if __name__ == "__main__"` guard in the user's script. Workers run torch
+    # single-threaded, so no OpenMP pool is used across the fork.
+    import multiprocessing as mp
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+        futs = {pool.submit(_single_threaded, fn, *t): i for i, t in enumerate(tasks)}
+        for fut in as_completed(futs):
+            yield futs[fut], fut.result()
 
 
 def _atomic_write_json(path: str, obj) -> None:
@@ -115,22 +145,11 @@ def profile_costs(weights: Dict[str, Tensor], configs: Sequence[QuantConfig], ra
             _atomic_write_json(path, {"name": name, "costs": {**cached, **result}})
         bar.update(1)
 
-    if workers is None:
-        workers = os.cpu_count() or 1
     get_f = (lambda n: None) if fishers is None else fishers.get
+    tasks = [(weights[it[1]].detach(), get_f(it[1]), it[2], rank, settings) for it in todo]
     try:
-        if workers <= 1 or len(todo) <= 1:
-            for item in todo:
-                finish(item, _profile_one(weights[item[1]], get_f(item[1]), item[2], rank,
-                                          settings, None))
-        else:
-            ctx = torch.multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futs = {pool.submit(_profile_one, weights[it[1]].detach().cpu(),
-                                    None if get_f(it[1]) is None else get_f(it[1]).cpu(),
-                                    it[2], rank, settings, 1): it for it in todo}
-                for fut in as_completed(futs):
-                    finish(futs[fut], fut.result())
+        for idx, result in map_matrices(_profile_one, tasks, workers):
+            finish(todo[idx], result)
     finally:
         bar.close()
     return costs
