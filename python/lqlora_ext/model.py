@@ -24,7 +24,8 @@ class LQLoRAConfig:
     grid: a config grid name ("default", "paper") or a list of QuantConfig (one config =
     uniform quantization, no ILP). lora_alpha: PEFT's alpha (default r, i.e. scaling 1).
     seed: seeds every randomized SVD. The remaining fields tune the decomposition
-    (max_iters, tol), the cost cache (cache_dir: resumable profiling), parallelism and
+    (max_iters, tol; profile_tol for the ILP's cost profiling, looser because the ILP only
+    compares costs and a tolerance biases every config alike), the cost cache (cache_dir: resumable profiling), parallelism and
     progress bars.
     """
 
@@ -36,7 +37,8 @@ class LQLoRAConfig:
     lora_alpha: Optional[float] = None
     seed: int = 0
     max_iters: int = 100
-    tol: float = 1e-3
+    tol: float = 5e-4
+    profile_tol: float = 1e-3
     cache_dir: Optional[str] = None
     workers: Optional[int] = None
     progress: bool = True
@@ -197,7 +199,7 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
                              f"budget is {min_bits:.4f}")
         costs = profile_costs({n: targets[n].weight for n in names}, grid, config.rank,
                               fishers=fishers, cache_dir=config.cache_dir, seed=config.seed,
-                              max_iters=config.max_iters, tol=config.tol,
+                              max_iters=config.max_iters, tol=config.profile_tol,
                               workers=config.workers, progress=config.progress)
         choice = solve_allocation(costs, numels, bpp, config.budget_bits).tolist()
 
