@@ -70,7 +70,11 @@ def _texts(calibration_file):
 
 
 def _weights_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Bytes of the model's state, tied tensors (embeddings/head) counted once."""
+    seen = {}
+    for t in model.state_dict().values():
+        seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def cmd_quantize(args) -> int:
