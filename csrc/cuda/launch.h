@@ -1,0 +1,80 @@
+// Host launchers of the lqlora CUDA kernels: raw device pointers, sizes and a stream in,
+// a cudaError_t out (the launch error; kernels run asynchronously on `stream`).
+//
+// This header is the only contract between the torch-free .cu files and the torch glue
+// (ops_cuda.cpp): it includes no torch header, so the .cu files compile with nvcc alone.
+// Every argument check (dtypes, lengths, devices, contiguity) happens in the glue before a
+// launcher is called; the launchers trust their arguments.
+//
+// Alignment contract: `qcodes` and the activation pointers are 16-byte aligned (the glue
+// copies a misaligned view), so the kernels may use 16-byte vector loads.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace lqlora::cuda {
+
+// Floating dtypes the kernels read or write. Values are stable (used in switches).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// One packed NFTensor on the device (docs/format.md, format version 1).
+struct PackedView {
+  const uint32_t* qcodes;   // [ceil(rows*cols/32) * bits] weight codes, 32-code groups
+  const uint32_t* qscales;  // [ceil(nblocks/32) * scale_bits] first-level scale codes
+  const void* scale2;       // [ngroups] second-level scales, scale2_dtype
+  DType scale2_dtype;
+  const float* offset;      // [1]
+  const float* levels;      // [2^bits] NormalFloat table, ascending
+  int64_t rows, cols;       // logical weight shape; rows*cols < 2^31
+  int bits;                 // 2..8
+  int block_size;           // B0 in {16, 32, 64, 128, 256}
+  int scale_bits;           // b0 in {2, 3, 4, 8}
+  int scale_block_size;     // B1 in {16, 64, 256}
+};
+
+// Low-rank term of qmatmul: out += scale * (x @ a^T) @ b^T.
+struct LoraView {
+  const void* a;  // [rank, cols], a_dtype, contiguous
+  DType a_dtype;
+  const void* b;  // [rows, rank], b_dtype, contiguous
+  DType b_dtype;
+  int rank;
+  float scale;
+  float* t;       // workspace fp32 [M, rank] (= x @ a^T)
+};
+
+// ŝ[j] for j in [0, nblocks): fp32 out[nblocks], bit-exact with the CPU.
+cudaError_t launch_unpack_scales(const uint32_t* qscales, const void* scale2, DType scale2_dtype,
+                                 const float* offset, int64_t nblocks, int scale_bits,
+                                 int scale_block_size, float* out, cudaStream_t stream);
+
+// Flat elements [e_begin, e_end) of the dense weight -> out[e - e_begin] in out_dtype
+// (level[code] * ŝ in fp32, then a round-to-nearest-even cast), bit-exact with the CPU.
+cudaError_t launch_dequantize(const PackedView& w, int64_t e_begin, int64_t e_end, void* out,
+                              DType out_dtype, cudaStream_t stream);
+
+// Dense fp32 w[rows, cols] (contiguous) -> the four packed tensors, bit-exact with the CPU.
+// Workspaces: s1 and shat fp32 [nblocks], c fp32 [ngroups]. The input must be finite
+// (the glue checks). scale2 is written in scale_dtype, offset[0] in fp32.
+cudaError_t launch_quantize(const float* w, int64_t rows, int64_t cols, const float* levels,
+                            int bits, int block_size, int scale_bits, int scale_block_size,
+                            DType scale_dtype, uint32_t* qcodes, uint32_t* qscales, void* scale2,
+                            float* offset, float* ws_s1, float* ws_c, float* ws_shat,
+                            cudaStream_t stream);
+
+// Decode path of qmatmul, 1 <= M <= kSmallM: out[M, rows] = x[M, cols] @ W^T (+ LoRA), fp32
+// accumulation, out in x_dtype. x contiguous [M, cols]. lora may be null.
+constexpr int kSmallM = 16;
+cudaError_t launch_qmatmul_small(const void* x, DType x_dtype, int M, const PackedView& w,
+                                 const LoraView* lora, void* out, cudaStream_t stream);
+
+// Small-M qmatmul_t: g[M, rows] @ W -> per-split fp32 partial sums
+// partial[splits, M, cols] (the glue sums over splits and casts). `scales` is fp32
+// [nblocks] from launch_unpack_scales. `splits` from qmatmul_t_splits().
+int qmatmul_t_splits(int64_t rows, int64_t cols, int M);
+cudaError_t launch_qmatmul_t_small(const void* g, DType g_dtype, int M, const PackedView& w,
+                                   const float* scales, int splits, float* partial,
+                                   cudaStream_t stream);
+
+}  // namespace lqlora::cuda

@@ -1,0 +1,344 @@
+// qmatmul decode path (1 <= M <= kSmallM): out[M, N] = x[M, K] @ W^T (+ LoRA), W [N, K]
+// packed (docs/format.md), fp32 accumulation, out in x's dtype. Included once per activation
+// dtype by qmatmul_{fp32,bf16,fp16}.cu (explicit instantiation), so the 3 x 7 x 3 kernel
+// variants compile in parallel translation units.
+//
+// Speed model (H100 SXM, NF4 B0=64 8192x8192, M = 1; estimated from the sm_90a SASS, not
+// yet measured): the floor is the weight stream, 32 MiB of codes + 1 MiB of scale codes at
+// ~3 TB/s = ~11 us. The inner loop is 481 instructions per 4-row step of 128 weights (per
+// weight: 1 byte-permute + 1 shared-memory LUT load + 1 FMA + half a shift/mask, plus the
+// bf16 activation widening shared by 4 rows) and the scales add ~1 more per 4 weights, so
+// ~4.5 instructions per weight: at 132 SMs x 4 issue slots ~10 us at 1.75 GHz. The LUT
+// loads hit distinct banks (16 levels), one 128-byte wavefront per 32 weights: ~9 us of
+// shared-memory bandwidth. Both sit just under the memory floor; every choice below exists
+// to keep them there:
+//  - one lane owns one 32-code group: one 16-byte `ld.global.cs` for NF4, a warp reads
+//    512 contiguous bytes per row per step (coalesced), evict-first so x stays in L1;
+//  - all weight loads of a step are issued before the first wait (scale loads after them);
+//  - each block works on R rows at once, so every activation load/convert is shared by R
+//    rows (x traffic through L1 = 2 bytes * M / R per weight for bf16);
+//  - NF4 codes are pulled out four at a time with one shift+mask per word half and one
+//    byte-permute per code (1.5 integer ops/code instead of 2), the LUT base folds into the
+//    load's immediate;
+//  - the scale multiplies a 16-weight partial sum (not each weight), and scales are decoded
+//    once per 32-scale window per warp (see qmatmul_fast_kernel);
+//  - warps of a block split K (blockDim.y = WK), so N = 4096 still puts ~16 warps per SM in
+//    flight (80 registers/thread -> up to 24 warps/SM); the cross-warp sum goes through
+//    shared memory once per block.
+#pragma once
+#include "common.cuh"
+
+namespace lqlora::cuda {
+
+constexpr int kQmmMaxWarps = 4;  // warps per block along K (blockDim = 32 x WK, WK <= 4)
+
+// The low-rank epilogue: out[m, n] += scale * sum_j t[m, j] * b[n, j].
+struct LoraArgs {
+  const float* t;  // fp32 [M, rank] = x @ a^T, or nullptr for no LoRA term
+  const void* b;   // [N, rank], b_dtype
+  DType b_dtype;
+  int rank;
+  float scale;
+};
+
+__device__ __forceinline__ float lora_term(const LoraArgs& l, int m, int64_t n) {
+  float s = 0.f;
+  for (int j = 0; j < l.rank; ++j)
+    s = fmaf(l.t[m * l.rank + j], load_as_float(l.b, l.b_dtype, n * l.rank + j), s);
+  return l.scale * s;
+}
+
+// Levels (fp32) of codes [8c, 8c + 8) of one group, read from the shared-memory LUT.
+// `c` must be a compile-time constant after unrolling (register array indices).
+template <int Bits>
+__device__ __forceinline__ void lookup8(const float* lut, const uint32_t (&w)[Bits], int c,
+                                        float (&lv)[8]) {
+  if constexpr (Bits == 4) {
+    // Word c holds codes 8c..8c+7 as nibbles. Scale them to byte offsets (x4) in two masks,
+    // even codes in `e`, odd codes in `o`, one per byte; a byte permute then moves each
+    // byte offset to the bottom of a register (zero-filled) for the shared-memory load.
+    const uint32_t word = w[c];
+    const uint32_t e = (word << 2) & 0x3c3c3c3cu;
+    const uint32_t o = (word >> 2) & 0x3c3c3c3cu;
+    const char* base = reinterpret_cast<const char*>(lut);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      lv[2 * k] = *reinterpret_cast<const float*>(base + __byte_perm(e, 0u, 0x4440u | k));
+      lv[2 * k + 1] = *reinterpret_cast<const float*>(base + __byte_perm(o, 0u, 0x4440u | k));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) lv[i] = lut[unpack_code<Bits>(w, 8 * c + i)];
+  }
+}
+
+// Fast path, K % 32 == 0 (rows never straddle a 32-code group).
+//   x      : XT [M, K] contiguous, 16-byte aligned      out: XT [M, N]
+//   qcodes : uint32 [N*K/32 * Bits], 16-byte aligned   (group of (n, g) = n*K/32 + g)
+//   sa     : scale codes; offset fp32 [1]; levels fp32 [2^Bits]
+//   B0 = 1 << log2_b0, nblocks = ceil(N*K / B0)
+//   lora   : optional epilogue (t precomputed by lora_down_kernel)
+// Grid: ceil(N / R) blocks of (32, WK) threads. Block b owns rows [b*R, b*R + R); warp y
+// owns the contiguous group range [y*Gw, (y+1)*Gw) of those rows (Gw a multiple of 32) and
+// walks it 32 groups per step, lane l on group base + l. The loop bounds are warp-uniform
+// (lanes past the range run masked), so the warp can shuffle scales.
+//
+// Scales (B0 >= 32): a step touches at most 32 consecutive scales per row, and consecutive
+// steps of a warp move through consecutive scales, so each row keeps a 32-scale window,
+// lane l holding ŝ[wj + l]; a step refills it (one decode per lane, all lanes useful) only
+// when it runs past the window, i.e. every B0/32 steps, and each lane takes its scale with
+// one shuffle. Decoding per lane per step instead costs ~45 instructions per row per step
+// (~180 next to the 481 of the 4-row step's weights, in the sm_90a SASS); the window pays
+// ~15 per row per step plus the refill every B0/32 steps. B0 = 16 needs 64 scales per step,
+// two per lane: decoded per lane.
+template <int Bits, typename XT, int MT, int R>
+__global__ void __launch_bounds__(32 * kQmmMaxWarps)
+    qmatmul_fast_kernel(const XT* __restrict__ x, int M, int K, int N,
+                        const uint32_t* __restrict__ qcodes, ScaleArgs sa,
+                        const float* __restrict__ offset, const float* __restrict__ levels,
+                        int log2_b0, int nblocks, LoraArgs lora, XT* __restrict__ out) {
+  static_assert(Bits >= 2 && Bits <= 8, "NF codes are 2..8 bits");
+  static_assert(MT >= 1 && MT <= kSmallM && R >= 1, "tile shape");
+  constexpr int kLevels = 1 << Bits;
+  __shared__ float lut[kLevels];
+  __shared__ float red[kQmmMaxWarps][R][MT];
+
+  const int lane = threadIdx.x, wk = threadIdx.y, WK = blockDim.y;
+  const int tid = wk * 32 + lane;
+  for (int i = tid; i < kLevels; i += 32 * WK) lut[i] = levels[i];
+  __syncthreads();
+
+  const int G = K >> 5;                                 // groups per row
+  const int Gw = ceil_div(ceil_div(G, WK), 32) * 32;    // groups per warp, multiple of 32
+  const int g_begin = wk * Gw, g_end = min(G, g_begin + Gw);
+  const int n0 = blockIdx.x * R;
+  const float o = offset[0];
+  const bool per_lane_scales = log2_b0 == 4;  // B0 = 16
+  int row_group[R];  // first group of each row (rows past N clamp to N-1: never stored)
+#pragma unroll
+  for (int r = 0; r < R; ++r) row_group[r] = min(n0 + r, N - 1) * G;
+
+  float acc[R][MT];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+  float win[R];  // lane l: ŝ[wj[r] + l]
+  int wj[R];     // window start (warp-uniform); far below 0 = empty
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    win[r] = 0.f;
+    wj[r] = -64;
+  }
+
+  for (int gb = g_begin; gb < g_end; gb += 32) {
+    const bool active = gb + lane < g_end;
+    const int g = active ? gb + lane : gb;  // masked lanes re-read a valid group
+    // Every load of this step is issued before the first wait: the R weight groups (DRAM
+    // streams) first, then the scale codes (small, mostly L1/L2 hits), then the arithmetic.
+    uint32_t w[R][Bits];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      load_group<Bits>(qcodes + static_cast<int64_t>(row_group[r] + g) * Bits, w[r]);
+    float s_lo[R], s_hi[R];
+    if (per_lane_scales) {
+      ScaleRaw raw_lo[R], raw_hi[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint32_t j0 = static_cast<uint32_t>(row_group[r] + g) * 2u;  // 32 / 16
+        raw_lo[r] = load_scale_raw(sa, j0);
+        raw_hi[r] = load_scale_raw(sa, j0 + 1);  // exists: groups are full
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        s_lo[r] = finish_scale(sa, raw_lo[r], o);
+        s_hi[r] = finish_scale(sa, raw_hi[r], o);
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        // 32-bit unsigned element indices: e0 + 1023 < n + 1024 <= 2^31 + 1024.
+        const uint32_t e0 = static_cast<uint32_t>(row_group[r] + gb) * 32u;  // step start
+        const int j_last = static_cast<int>((e0 + 1023u) >> log2_b0);       // last scale
+        if (j_last >= wj[r] + 32) {  // warp-uniform refill
+          wj[r] = static_cast<int>(e0 >> log2_b0);
+          win[r] = decode_scale(sa, o, static_cast<uint32_t>(min(wj[r] + lane, nblocks - 1)));
+        }
+        const int jm = static_cast<int>((e0 + static_cast<uint32_t>(g - gb) * 32u) >> log2_b0);
+        s_lo[r] = s_hi[r] = __shfl_sync(kFullMask, win[r], jm - wj[r]);
+      }
+    }
+    const int64_t k0 = static_cast<int64_t>(g) * 32;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // half-groups of 16 codes: one scale each
+      float p[R][MT];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) p[r][m] = 0.f;
+#pragma unroll
+      for (int c = 2 * h; c < 2 * h + 2; ++c) {
+        float lv[R][8];
+#pragma unroll
+        for (int r = 0; r < R; ++r) lookup8<Bits>(lut, w[r], c, lv[r]);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (MT > 1 && m >= M) break;
+          float xf[8];
+          load8(x + m * static_cast<int64_t>(K) + k0 + 8 * c, xf);
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) p[r][m] = fmaf(lv[r][i], xf[i], p[r][m]);
+        }
+      }
+      if (active) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int m = 0; m < MT; ++m)
+            acc[r][m] = fmaf(h ? s_hi[r] : s_lo[r], p[r][m], acc[r][m]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float v = warp_sum(acc[r][m]);
+      if (lane == 0) red[wk][r][m] = v;
+    }
+  __syncthreads();
+  for (int idx = tid; idx < R * MT; idx += 32 * WK) {
+    const int r = idx / MT, m = idx % MT, n = n0 + r;
+    if (n >= N || m >= M) continue;
+    float v = 0.f;
+    for (int k = 0; k < WK; ++k) v += red[k][r][m];
+    if (lora.t != nullptr) v += lora_term(lora, m, n);
+    out[static_cast<int64_t>(m) * N + n] = from_float<XT>(v);
+  }
+}
+
+// Generic path, any K (rows may start mid-group): one warp per row, lane k reads code
+// n*K + k with the runtime-width extractor; the scale is re-decoded only when the block
+// changes. Slow but simple; used only when K % 32 != 0.
+template <typename XT>
+__global__ void __launch_bounds__(128)
+    qmatmul_generic_kernel(const XT* __restrict__ x, int M, int K, int N,
+                           const uint32_t* __restrict__ qcodes, int bits, ScaleArgs sa,
+                           const float* __restrict__ offset, const float* __restrict__ levels,
+                           int log2_b0, LoraArgs lora, XT* __restrict__ out) {
+  __shared__ float lut[256];
+  for (int i = threadIdx.x; i < (1 << bits); i += blockDim.x) lut[i] = levels[i];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const float o = offset[0];
+  float acc[kSmallM];
+#pragma unroll
+  for (int m = 0; m < kSmallM; ++m) acc[m] = 0.f;
+  int64_t jc = -1;
+  float sc = 0.f;
+  for (int k = lane; k < K; k += 32) {
+    const int64_t idx = static_cast<int64_t>(n) * K + k;
+    const int64_t j = idx >> log2_b0;
+    if (j != jc) {
+      jc = j;
+      sc = decode_scale(sa, o, j);
+    }
+    const float wv = __fmul_rn(lut[code_at(qcodes, bits, idx)], sc);
+#pragma unroll
+    for (int m = 0; m < kSmallM; ++m) {
+      if (m >= M) break;
+      acc[m] = fmaf(wv, to_float(x[static_cast<int64_t>(m) * K + k]), acc[m]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kSmallM; ++m) {
+    if (m >= M) break;
+    float v = warp_sum(acc[m]);
+    if (lane == 0) {
+      if (lora.t != nullptr) v += lora_term(lora, m, n);
+      out[static_cast<int64_t>(m) * N + n] = from_float<XT>(v);
+    }
+  }
+}
+
+// t[m, j] = sum_k x[m, k] * a[j, k]: x XT [M, K], a [rank, K] (a_dtype), t fp32 [M, rank].
+// One block per j (rank is small); fp32 accumulation.
+template <typename XT>
+__global__ void __launch_bounds__(256)
+    lora_down_kernel(const XT* __restrict__ x, int M, int K, const void* __restrict__ a,
+                     DType a_dtype, int rank, float* __restrict__ t) {
+  __shared__ float part[8][kSmallM];
+  const int j = blockIdx.x;
+  float acc[kSmallM];
+#pragma unroll
+  for (int m = 0; m < kSmallM; ++m) acc[m] = 0.f;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    const float av = load_as_float(a, a_dtype, static_cast<int64_t>(j) * K + k);
+#pragma unroll
+    for (int m = 0; m < kSmallM; ++m) {
+      if (m >= M) break;
+      acc[m] = fmaf(av, to_float(x[static_cast<int64_t>(m) * K + k]), acc[m]);
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < kSmallM; ++m) {
+    const float v = warp_sum(acc[m]);
+    if (lane == 0) part[warp][m] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < M) {
+    float v = 0.f;
+    for (int w = 0; w < (blockDim.x >> 5); ++w) v += part[w][threadIdx.x];
+    t[threadIdx.x * rank + j] = v;
+  }
+}
+
+// Picks the kernel variant for (bits, M, K) and launches it (plus the LoRA down-projection).
+template <typename XT>
+cudaError_t qmatmul_small(const XT* x, int M, const PackedView& w, const LoraView* lora, XT* out,
+                          cudaStream_t stream) {
+  const int N = static_cast<int>(w.rows), K = static_cast<int>(w.cols);
+  const ScaleArgs sa =
+      make_scale_args(w.qscales, w.scale2, w.scale2_dtype, w.scale_bits, w.scale_block_size);
+  const int log2_b0 = ilog2(w.block_size);
+  const int nblocks = static_cast<int>(ceil_div<int64_t>(w.rows * w.cols, w.block_size));
+  LoraArgs la{nullptr, nullptr, DType::kFloat32, 0, 0.f};
+  if (lora != nullptr) {
+    lora_down_kernel<XT><<<lora->rank, 256, 0, stream>>>(x, M, K, lora->a, lora->a_dtype,
+                                                         lora->rank, lora->t);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    la = LoraArgs{lora->t, lora->b, lora->b_dtype, lora->rank, lora->scale};
+  }
+  if (K % 32 != 0) {
+    qmatmul_generic_kernel<XT><<<ceil_div(N, 4), 128, 0, stream>>>(
+        x, M, K, N, w.qcodes, w.bits, sa, w.offset, w.levels, log2_b0, la, out);
+    return cudaGetLastError();
+  }
+  const int G = K / 32;
+  const int WK = G >= 32 * kQmmMaxWarps ? kQmmMaxWarps : (G >= 64 ? 2 : 1);
+  const dim3 block(32, WK);
+  return LQ_CUDA_BITS_SWITCH(w.bits, [&] {
+    // Tile shapes (MT accumulators per row, R rows per block) per M range: R = 4 shares
+    // each activation load among 4 rows; at M > 4 the accumulators (MT * R) bound R to 2.
+    if (M == 1) {
+      qmatmul_fast_kernel<kBits, XT, 1, 4><<<ceil_div(N, 4), block, 0, stream>>>(
+          x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
+    } else if (M <= 4) {
+      qmatmul_fast_kernel<kBits, XT, 4, 4><<<ceil_div(N, 4), block, 0, stream>>>(
+          x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
+    } else {
+      qmatmul_fast_kernel<kBits, XT, kSmallM, 2><<<ceil_div(N, 2), block, 0, stream>>>(
+          x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace lqlora::cuda
