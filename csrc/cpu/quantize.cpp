@@ -133,7 +133,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
   std::vector<float> c(ng, 0.f), shat(nb);
   std::vector<uint8_t> qs(((nb + 31) / 32) * 32, 0);
   for (int64_t j = 0; j < nb; ++j) c[j / scale_block_size] = std::max(c[j / scale_block_size], s1[j] - offset);
-  for (auto& v : c) v = round_to_dtype(v, scale_dtype);
+  for (auto& v : c) {
+    v = round_to_dtype(v, scale_dtype);
+    TORCH_CHECK_VALUE(std::isfinite(v), "lqlora.quantize: a second-level scale overflows ",
+                      scale_dtype, " (block absmax spread ", offset + 0.f,
+                      " .. beyond the dtype's range); use bfloat16 or float32 scales");
+  }
   for (int64_t j = 0; j < nb; ++j) {
     const float cg = c[j / scale_block_size];
     float q = 0.f;

@@ -178,17 +178,32 @@ def load_quantized(path: str, model: nn.Module) -> nn.Module:
     Refuses corrupt/truncated files and checkpoints that do not match the model."""
     manifest = read_manifest(path)
     state = load_state(path, manifest)
-    install_lq_layers(model, manifest["modules"], state)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"load_quantized: checkpoint does not match the model: missing "
-                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for k, t in own.items():
-        if t.shape != state[k].shape:
-            raise ValueError(f"load_quantized: {k} has shape {tuple(state[k].shape)} in the "
-                             f"checkpoint, {tuple(t.shape)} in the model")
+    # The modules install_lq_layers replaces, put back if the checkpoint turns out not to
+    # match (a later module's shape, missing/unexpected keys): a refused load leaves the
+    # model as it was, not half-converted.
+    originals = {}
+    for name in manifest["modules"]:
+        try:
+            originals[name] = model.get_submodule(name)
+        except AttributeError:
+            pass
+    try:
+        install_lq_layers(model, manifest["modules"], state)
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            raise ValueError(f"load_quantized: checkpoint does not match the model: missing "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                             f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for k, t in own.items():
+            if t.shape != state[k].shape:
+                raise ValueError(f"load_quantized: {k} has shape {tuple(state[k].shape)} in "
+                                 f"the checkpoint, {tuple(t.shape)} in the model")
+    except BaseException:
+        for name, old in originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, old)
+        raise
     model.load_state_dict(state, strict=True)
     return model

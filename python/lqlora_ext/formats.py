@@ -85,13 +85,17 @@ class QuantConfig:
 
 @functools.lru_cache(maxsize=None)
 def _nf_code_cpu(bits: int) -> Tensor:
+    # bitsandbytes' create_normal_map, generalized to any width and reproduced operation by
+    # operation (float32 quantile grids from p down to 0.5, the inverse normal CDF in
+    # float64, the negative half as -ppf of the upper quantiles, the normalization in
+    # float32), so that NF4 is bit-identical to its table, not merely close.
     p = 0.9677083
     half = 2 ** (bits - 1)
-    neg = torch.linspace(1 - p, 0.5, half, dtype=torch.float64)[:-1]
-    pos = torch.linspace(0.5, p, half + 1, dtype=torch.float64)
-    v = torch.special.ndtri(torch.cat([neg, pos]))
-    v[half - 1] = 0.0  # ndtri(0.5) is exactly 0, but be explicit: the code has an exact zero
-    return (v / v.abs().max()).to(torch.float32)
+    pos = torch.linspace(p, 0.5, half + 1, dtype=torch.float32)[:-1]
+    neg = torch.linspace(p, 0.5, half, dtype=torch.float32)[:-1]
+    ppf = lambda q: torch.special.ndtri(q.to(torch.float64)).to(torch.float32)  # noqa: E731
+    v = torch.cat([ppf(pos), torch.zeros(1), -ppf(neg)]).sort().values
+    return v / v.max()
 
 
 def nf_code(bits: int) -> Tensor:
@@ -257,6 +261,11 @@ def quantize(w: Tensor, config: QuantConfig) -> NFTensor:
     c = config
     packed = ops.quantize(w.detach(), levels, c.bits, c.block_size, c.scale_bits,
                           c.scale_block_size, c.scale_dtype)
+    if w.device.type != "meta" and c.scale_dtype != torch.float32 and \
+            not bool(torch.isfinite(packed[2]).all()):
+        raise ValueError(f"quantize: a second-level scale overflows {c.scale_dtype} (block "
+                         f"absmax spread {float(w.detach().abs().max()):.4g}); use "
+                         "scale_dtype=torch.bfloat16 or torch.float32")
     return NFTensor(*packed, w.shape, config, levels)
 
 

@@ -28,6 +28,16 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
+def _same_device(op: str, **tensors) -> None:
+    """Fake kernels run whenever any argument is a meta/fake tensor; the real kernels check
+    devices, so the fake ones must too (or a mixed call would return garbage shapes)."""
+    devs = {k: t.device for k, t in tensors.items() if t is not None}
+    first = next(iter(devs.values()))
+    for k, d in devs.items():
+        torch._check(d == first, lambda: f"lqlora.{op}: {k} is on {d}, expected {first} "
+                                         f"(all tensors must be on one device)")
+
+
 # ---------------------------------------------------------------------------- quantize
 def quantize(w: Tensor, levels: Tensor, bits: int, block_size: int, scale_bits: int,
              scale_block_size: int, scale_dtype: torch.dtype):
@@ -40,6 +50,7 @@ def quantize(w: Tensor, levels: Tensor, bits: int, block_size: int, scale_bits: 
 
 @torch.library.register_fake("lqlora::quantize")
 def _quantize_fake(w, levels, bits, block_size, scale_bits, scale_block_size, scale_dtype):
+    _same_device("quantize", w=w, levels=levels)
     torch._check(w.dim() == 2, lambda: f"lqlora.quantize: weight must be 2-D, got {w.dim()}-D")
     torch._check(w.dtype.is_floating_point,
                  lambda: f"lqlora.quantize: weight must be floating, got {w.dtype}")
@@ -60,6 +71,7 @@ def unpack_scales(qscales: Tensor, scale2: Tensor, offset: Tensor, nblocks: int,
 
 @torch.library.register_fake("lqlora::unpack_scales")
 def _unpack_scales_fake(qscales, scale2, offset, nblocks, scale_bits, scale_block_size):
+    _same_device("unpack_scales", qscales=qscales, scale2=scale2, offset=offset)
     torch._check(qscales.numel() == _cdiv(nblocks, 32) * scale_bits,
                  lambda: "lqlora.unpack_scales: qscales does not match nblocks")
     return qscales.new_empty((nblocks,), dtype=torch.float32)
@@ -77,6 +89,8 @@ def dequantize(qcodes: Tensor, qscales: Tensor, scale2: Tensor, offset: Tensor, 
 @torch.library.register_fake("lqlora::dequantize")
 def _dequantize_fake(qcodes, qscales, scale2, offset, levels, rows, cols, bits, block_size,
                      scale_bits, scale_block_size, dtype):
+    _same_device("dequantize", qcodes=qcodes, qscales=qscales, scale2=scale2, offset=offset,
+                 levels=levels)
     torch._check(qcodes.numel() == _cdiv(rows * cols, 32) * bits,
                  lambda: "lqlora.dequantize: qcodes does not match the weight shape")
     return qcodes.new_empty((rows, cols), dtype=dtype)
@@ -96,6 +110,8 @@ def qmatmul(x: Tensor, qcodes: Tensor, qscales: Tensor, scale2: Tensor, offset: 
 @torch.library.register_fake("lqlora::qmatmul")
 def _qmatmul_fake(x, qcodes, qscales, scale2, offset, levels, rows, bits, block_size,
                   scale_bits, scale_block_size, lora_a, lora_b, lora_scale):
+    _same_device("qmatmul", x=x, qcodes=qcodes, qscales=qscales, scale2=scale2, offset=offset,
+                 levels=levels, lora_a=lora_a, lora_b=lora_b)
     torch._check(x.dim() == 2, lambda: f"lqlora.qmatmul: x must be 2-D [M, K], got {x.dim()}-D")
     torch._check(qcodes.numel() == _cdiv(rows * x.shape[1], 32) * bits,
                  lambda: "lqlora.qmatmul: x's inner size does not match the packed weight")
@@ -115,6 +131,8 @@ def qmatmul_t(g: Tensor, qcodes: Tensor, qscales: Tensor, scale2: Tensor, offset
 @torch.library.register_fake("lqlora::qmatmul_t")
 def _qmatmul_t_fake(g, qcodes, qscales, scale2, offset, levels, cols, bits, block_size,
                     scale_bits, scale_block_size):
+    _same_device("qmatmul_t", g=g, qcodes=qcodes, qscales=qscales, scale2=scale2,
+                 offset=offset, levels=levels)
     torch._check(g.dim() == 2, lambda: f"lqlora.qmatmul_t: g must be 2-D, got {g.dim()}-D")
     torch._check(qcodes.numel() == _cdiv(g.shape[1] * cols, 32) * bits,
                  lambda: "lqlora.qmatmul_t: g's inner size does not match the packed weight")

@@ -21,7 +21,7 @@ from torch import Tensor
 from .decomposition import decompose
 from .formats import QuantConfig
 
-PROFILE_VERSION = 1  # bump when the decomposition's numerics change
+PROFILE_VERSION = 2  # bump when the decomposition's numerics change (2: bnb-exact NF tables)
 
 
 def _key(w: Tensor, fisher: Optional[Tensor], settings: dict) -> str:
@@ -124,7 +124,10 @@ def profile_costs(weights: Dict[str, Tensor], configs: Sequence[QuantConfig], ra
                 try:
                     with open(path) as fh:
                         cached = json.load(fh)["costs"]
-                except (OSError, ValueError, KeyError):
+                    if not isinstance(cached, dict) or not all(
+                            isinstance(v, (int, float)) for v in cached.values()):
+                        cached = {}
+                except (OSError, ValueError, KeyError, TypeError):
                     cached = {}  # a torn or foreign file: recompute
         missing = [c.to_dict() for c in configs if c.name not in cached]
         for j, c in enumerate(configs):

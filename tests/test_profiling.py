@@ -1,0 +1,231 @@
+"""profile_costs: costs equal decompose errors, the resumable on-disk cache (only missing work
+is recomputed; changed inputs get new keys; torn/foreign files are recomputed), and process
+parallelism giving the same numbers."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from lqlora_ext import QuantConfig, decompose
+from lqlora_ext import profiling
+from lqlora_ext.profiling import profile_costs
+
+import grid
+
+CONFIGS = [QuantConfig(2, 64, 8, 256), QuantConfig(3, 32, 4, 64, torch.bfloat16),
+           QuantConfig(4, 64, 8, 256)]
+RANK = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def weights():
+    return {"a": grid.make_weight(48, 64, seed=1), "b": grid.make_weight(64, 32, seed=2),
+            "c": grid.make_weight(40, 40, seed=3), "d": grid.make_weight(33, 50, seed=4)}
+
+
+def fishers(ws):
+    g = torch.Generator().manual_seed(9)
+    return {n: torch.rand(w.shape, generator=g) for n, w in ws.items()}
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Record which matrices (by content) and configs _profile_one is asked for."""
+    calls = []
+    real = profiling._profile_one
+
+    def wrapper(w, fisher, configs, rank, settings):
+        calls.append((w.clone(), [c.copy() for c in configs]))
+        return real(w, fisher, configs, rank, settings)
+
+    monkeypatch.setattr(profiling, "_profile_one", wrapper)
+    return calls
+
+
+def which(calls, ws):
+    """Names of the matrices in calls."""
+    out = []
+    for w, _ in calls:
+        out += [n for n, v in ws.items() if v.shape == w.shape and torch.equal(v, w)]
+    return sorted(out)
+
+
+def run(ws, cache_dir=None, workers=1, **kw):
+    return profile_costs(ws, CONFIGS, RANK, cache_dir=cache_dir, workers=workers,
+                         progress=False, **kw)
+
+
+def test_costs_match_decompose():
+    ws = weights()
+    costs = run(ws)
+    assert costs.shape == (4, 3) and costs.dtype == torch.float64
+    assert torch.isfinite(costs).all() and (costs > 0).all()
+    for i, w in enumerate(ws.values()):
+        for j, c in enumerate(CONFIGS):
+            d = decompose(w, c, RANK, seed=0, max_iters=100, tol=1e-3)
+            assert costs[i, j] == d.error
+    # more bits, less error (same block/scale layout for nf2 vs nf4)
+    assert (costs[:, 2] < costs[:, 0]).all()
+
+
+def test_costs_with_fisher():
+    ws = weights()
+    fs = fishers(ws)
+    costs = run(ws, fishers=fs, seed=3, max_iters=20, tol=0.0)
+    for i, (n, w) in enumerate(ws.items()):
+        for j, c in enumerate(CONFIGS):
+            d = decompose(w, c, RANK, fisher=fs[n], seed=3, max_iters=20, tol=0.0)
+            assert costs[i, j] == d.error
+    with pytest.raises(ValueError, match="no Fisher estimate for 'c'"):
+        run(ws, fishers={k: v for k, v in fs.items() if k != "c"})
+
+
+def test_no_configs():
+    with pytest.raises(ValueError, match="no configs"):
+        profile_costs(weights(), [], RANK, progress=False)
+
+
+def test_cache_resumes_only_missing_matrix(tmp_path, counting):
+    ws = weights()
+    cache = str(tmp_path / "cache")
+    first = run(ws, cache)
+    assert which(counting, ws) == ["a", "b", "c", "d"]
+    files = sorted(glob.glob(os.path.join(cache, "*.json")))
+    assert len(files) == 4
+    for f in files:
+        with open(f) as fh:
+            data = json.load(fh)
+        assert set(data["costs"]) == {c.name for c in CONFIGS}
+
+    # everything cached: no work at all, identical costs
+    counting.clear()
+    assert torch.equal(run(ws, cache), first)
+    assert counting == []
+
+    # delete one matrix's file: only that matrix is recomputed
+    key_b = profiling._key(ws["b"], None, {"v": profiling.PROFILE_VERSION, "rank": RANK,
+                                           "seed": 0, "max_iters": 100, "tol": 1e-3})
+    path_b = os.path.join(cache, key_b + ".json")
+    assert path_b in files
+    mtimes = {f: os.stat(f).st_mtime_ns for f in files if f != path_b}
+    os.unlink(path_b)
+    counting.clear()
+    assert torch.equal(run(ws, cache), first)
+    assert which(counting, ws) == ["b"]
+    assert len(counting[0][1]) == len(CONFIGS)
+    assert os.path.exists(path_b)
+    assert {f: os.stat(f).st_mtime_ns for f in mtimes} == mtimes  # others untouched
+
+
+def test_cache_adds_only_missing_configs(tmp_path, counting):
+    ws = weights()
+    cache = str(tmp_path)
+    profile_costs(ws, CONFIGS[:2], RANK, cache_dir=cache, workers=1, progress=False)
+    counting.clear()
+    full = run(ws, cache)
+    # each matrix is asked for the one new config only
+    assert which(counting, ws) == ["a", "b", "c", "d"]
+    assert all([c["bits"] for c in cfgs] == [4] for _, cfgs in counting)
+    assert torch.equal(full, run(ws))
+    # and the cache now holds all three, so a rerun does nothing
+    counting.clear()
+    run(ws, cache)
+    assert counting == []
+
+
+def test_changed_inputs_change_the_key(tmp_path, counting):
+    ws = weights()
+    settings = {"v": profiling.PROFILE_VERSION, "rank": RANK, "seed": 0, "max_iters": 100,
+                "tol": 1e-3}
+    k = profiling._key(ws["a"], None, settings)
+    w2 = ws["a"].clone()
+    w2[5, 7] += 1e-3
+    assert profiling._key(w2, None, settings) != k
+    assert profiling._key(ws["a"].clone(), None, settings) == k
+    assert profiling._key(ws["a"].double(), None, settings) == k  # value, not dtype
+    assert profiling._key(ws["a"].reshape(64, 48), None, settings) != k
+    assert profiling._key(ws["a"], torch.ones_like(ws["a"]), settings) != k
+    for field, value in (("rank", 8), ("seed", 1), ("max_iters", 50), ("tol", 0.0),
+                         ("v", settings["v"] + 1)):
+        assert profiling._key(ws["a"], None, {**settings, field: value}) != k
+
+    cache = str(tmp_path)
+    first = run(ws, cache)
+    counting.clear()
+    ws2 = dict(ws, a=w2)
+    second = run(ws2, cache)
+    assert which(counting, ws2) == ["a"]
+    assert len(glob.glob(os.path.join(cache, "*.json"))) == 5
+    assert torch.equal(second[1:], first[1:])
+    assert not torch.equal(second[0], first[0])
+    # other settings (seed, fisher) never reuse these costs either
+    counting.clear()
+    run(ws, cache, seed=1)
+    assert which(counting, ws) == ["a", "b", "c", "d"]
+    counting.clear()
+    run(ws, cache, fishers=fishers(ws))
+    assert which(counting, ws) == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("content", [
+    "torn",                      # the first half of a valid file
+    "",                          # empty
+    "[]",                        # valid JSON, foreign shape
+    "null",
+    '{"costs": null}',
+    '{"name": "x"}',
+    '{"costs": {"nf2-b64-s8x256-fp32": "oops"}}',
+])
+def test_torn_or_foreign_cache_file_is_recomputed(tmp_path, counting, content):
+    ws = weights()
+    cache = str(tmp_path)
+    first = run(ws, cache)
+    files = sorted(glob.glob(os.path.join(cache, "*.json")))
+    victim = files[2]
+    if content == "torn":
+        data = open(victim).read()
+        content = data[: len(data) // 2]
+    with open(victim, "w") as f:
+        f.write(content)
+    counting.clear()
+    again = run(ws, cache)
+    assert len(counting) == 1
+    assert torch.equal(again, first)
+    with open(victim) as f:  # rewritten whole
+        assert set(json.load(f)["costs"]) == {c.name for c in CONFIGS}
+    assert not glob.glob(os.path.join(cache, "*.tmp"))
+
+
+def test_workers_match_single_process(tmp_path):
+    ws = weights()
+    one = run(ws, workers=1)
+    two = run(ws, workers=2)
+    assert torch.equal(one, two)
+    # and through the cache: the rows land in the right places whatever the finish order
+    cache = str(tmp_path)
+    assert torch.equal(run(ws, cache, workers=2), one)
+    assert len(glob.glob(os.path.join(cache, "*.json"))) == 4
+    assert torch.equal(run(ws, cache, workers=1), one)
+
+
+def test_map_matrices_order_and_inline():
+    tasks = [(i,) for i in range(5)]
+    got = dict(profiling.map_matrices(lambda x: x * x, tasks, workers=1))
+    assert got == {i: i * i for i in range(5)}
+    got = dict(profiling.map_matrices(_square, tasks, workers=2))
+    assert got == {i: i * i for i in range(5)}
+
+
+def _square(x):
+    return x * x
