@@ -5,7 +5,7 @@ Reference loop (METHOD.md §2): Q <- 0; repeat up to 100 times: rank-r torch.svd
 rises (we report its best iterate, which favours the reference). Ours: lqlora_ext.decompose
 with default settings (warm-started seeded rSVD, relative tolerance 1e-3).
 
-    python bench/decompose.py [--model PATH] [--rank 16] [--out bench/results/decompose.json]
+    OMP_NUM_THREADS=1 python bench/decompose.py [--model PATH] [--rank 16] [--out bench/results/decompose.json]
 """
 from __future__ import annotations
 
