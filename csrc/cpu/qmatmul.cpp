@@ -1,8 +1,9 @@
 // CPU kernels: qmatmul (x @ W^T, optional LoRA term) and qmatmul_t (g @ W) on packed weights.
 //
-// Small M (decode, M <= kFusedMaxM): each thread decodes one weight row at a time into an
-// L1-resident fp32 buffer and dots it with every row of x, so each packed byte is read
-// once and the dense weight never exists. Larger M: rows are dequantized chunk by chunk
+// Small M (decode, M <= kFusedMaxM): fused decode + FMA (gemv_avx2.cpp) when K % 32 == 0
+// and the CPU has AVX2; otherwise each thread decodes one weight row at a time into an
+// L1-resident fp32 buffer and dots it with every row of x. Either way each packed byte is
+// read once and the dense weight never exists. Larger M: rows are dequantized chunk by chunk
 // (parallel) and multiplied by the BLAS GEMM through at::mm, which wins once the decode
 // cost is shared by many rows of x.
 #include <ATen/ATen.h>
@@ -11,6 +12,7 @@
 
 #include <vector>
 
+#include "gemv_avx2.h"
 #include "lqlora/format.h"
 #include "scales.h"
 
@@ -96,7 +98,14 @@ at::Tensor qmatmul_cpu(const at::Tensor& x, const at::Tensor& qcodes, const at::
   at::Tensor out = at::empty({M, N}, xf.options());
   if (M == 0) return out.to(x.scalar_type());
 
-  if (M <= kFusedMaxM) {
+  if (M <= kFusedMaxM && K % 32 == 0 && bits <= 4 && have_avx2_fma()) {
+    const float* xp = xf.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      fused_gemv_avx2(P.L.bits, P.qcodes, P.scales.data(), P.levels, P.L.block_size, xp, M, K,
+                      N, n0, n1, op);
+    });
+  } else if (M <= kFusedMaxM) {  // generic: ragged K, > 4 bits or no AVX2
     const float* xp = xf.data_ptr<float>();
     float* op = out.data_ptr<float>();
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
