@@ -238,6 +238,7 @@ class NFTensor:
 
 
 _DTYPE_CODES = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 17}
+_MAX_ABS = torch.finfo(torch.float32).max / 512
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
 
@@ -257,6 +258,12 @@ def quantize(w: Tensor, config: QuantConfig) -> NFTensor:
         raise ValueError(f"quantize: weight must be 2-D [out, in], got shape {tuple(w.shape)}")
     if w.numel() == 0:
         raise ValueError(f"quantize: weight is empty, shape {tuple(w.shape)}")
+    if w.device.type != "meta":
+        amax = float(w.detach().abs().max())
+        # The scale arithmetic multiplies by up to 255 (2^8 - 1) in fp32.
+        if amax > _MAX_ABS:
+            raise ValueError(f"quantize: weight magnitude {amax:.4g} is too large for fp32 "
+                             f"scale arithmetic (limit {_MAX_ABS:.4g})")
     levels = nf_code(config.bits).to(w.device)
     c = config
     packed = ops.quantize(w.detach(), levels, c.bits, c.block_size, c.scale_bits,
