@@ -1,0 +1,50 @@
+"""Wall time of the whole cost profile of SmolLM2-135M (210 matrices x default grid, rank 16)
+from a cold cache, plus the resume time from a warm one.
+
+    python bench/profile_time.py [--out bench/results/profile_time.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+import lqlora_ext as lq
+from lqlora_ext.cli import default_model_path, load_dense
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--grid", default="default")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    model, _ = load_dense(default_model_path())
+    targets = lq.select_linear_modules(model, "all-linear")
+    weights = {n: m.weight.detach() for n, m in targets.items()}
+    grid = lq.config_grid(args.grid)
+    with tempfile.TemporaryDirectory() as cache:
+        t = time.time()
+        costs = lq.profile_costs(weights, grid, args.rank, cache_dir=cache, progress=True)
+        cold = time.time() - t
+        t = time.time()
+        again = lq.profile_costs(weights, grid, args.rank, cache_dir=cache, progress=False)
+        warm = time.time() - t
+    assert torch.equal(costs, again)
+    r = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "matrices": len(weights),
+         "configs": len(grid), "rank": args.rank, "cold_seconds": cold,
+         "resume_seconds": warm}
+    print(json.dumps(r))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
