@@ -20,16 +20,10 @@ from lqlora_ext.checkpoint import MANIFEST, WEIGHTS  # noqa: E402
 SEQ = ["--seq-len", "32", "--eval-seqs", "4"]
 
 # module_docs("typing") reads typing.io / typing.re, which warn on access (Python 3.11)
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:typing\.(io|re) is deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
+    r"ignore:typing\.(io|re) is deprecated:DeprecationWarning")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def char_tokenizer():

@@ -18,13 +18,7 @@ NF4 = QuantConfig(4, 32, 4, 64, torch.bfloat16)
 CONFIGS = (NF2, NF3, NF4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny SVDs/GEMMs gain nothing from intra-op threads on a 2-core runner
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decaying(rows, cols, seed=0):

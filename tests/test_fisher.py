@@ -29,14 +29,7 @@ def bert_config(**kw):
                                    max_position_embeddings=64, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models gain nothing from intra-op threads, and on a loaded 2-core machine the
-    # OpenMP spin-wait makes each forward/backward ~100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

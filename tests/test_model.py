@@ -28,14 +28,7 @@ BERT_BODY = ("attention.self.query", "attention.self.key", "attention.self.value
              "attention.output.dense", "intermediate.dense", "output.dense")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models gain nothing from intra-op threads; OpenMP spin-waits on a loaded 2-core
-    # runner make them much slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed=0, **kw):

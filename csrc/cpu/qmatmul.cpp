@@ -59,17 +59,6 @@ Packed unpack_args(const at::Tensor& qcodes, const at::Tensor& qscales, const at
                 levels.data_ptr<float>()};
 }
 
-void check_activation(const at::Tensor& x, const at::Tensor& qcodes, const char* name,
-                      const char* op) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
-                       x.scalar_type() == at::kHalf,
-                   "lqlora.", op, ": ", name, " must be float32, bfloat16 or float16, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2, "lqlora.", op, ": ", name, " must be 2-D [M, K], got ",
-                    x.dim(), "-D");
-  TORCH_CHECK_VALUE(x.device() == qcodes.device(), "lqlora.", op, ": ", name, " is on ",
-                    x.device(), " but the packed weight is on ", qcodes.device());
-}
 
 // Dense fp32 rows [r0, r1) of W, dequantized in parallel.
 at::Tensor dequant_chunk(const Packed& P, int64_t r0, int64_t r1) {

@@ -28,15 +28,6 @@ float round_to_dtype(float v, at::ScalarType dt) {
   }
 }
 
-void check_levels(const at::Tensor& levels, int64_t bits, const at::Device& dev) {
-  TORCH_CHECK_TYPE(levels.scalar_type() == at::kFloat, "lqlora: levels must be float32, got ",
-                   levels.scalar_type());
-  TORCH_CHECK_VALUE(levels.dim() == 1 && levels.numel() == (int64_t(1) << bits),
-                    "lqlora: levels must have 2^bits = ", int64_t(1) << bits,
-                    " entries, got shape ", levels.sizes());
-  TORCH_CHECK_VALUE(levels.device() == dev, "lqlora: levels is on ", levels.device(),
-                    " but the weight is on ", dev);
-}
 
 // Weight codes of 32-code groups [g0, g1): x = w / ŝ (exact division, as the reference;
 // x = 0 where ŝ = 0), code = #{m : mid[m] < x}, packed to Bits-bit codes. `mids` holds the

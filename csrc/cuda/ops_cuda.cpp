@@ -60,27 +60,7 @@ at::Tensor aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
 }
 
-void check_levels(const at::Tensor& levels, int64_t bits, const at::Device& dev) {
-  TORCH_CHECK_TYPE(levels.scalar_type() == at::kFloat, "lqlora: levels must be float32, got ",
-                   levels.scalar_type());
-  TORCH_CHECK_VALUE(levels.dim() == 1 && levels.numel() == (int64_t(1) << bits),
-                    "lqlora: levels must have 2^bits = ", int64_t(1) << bits,
-                    " entries, got shape ", levels.sizes());
-  TORCH_CHECK_VALUE(levels.device() == dev, "lqlora: levels is on ", levels.device(),
-                    " but the weight is on ", dev);
-}
 
-void check_activation(const at::Tensor& x, const at::Tensor& qcodes, const char* name,
-                      const char* op) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
-                       x.scalar_type() == at::kHalf,
-                   "lqlora.", op, ": ", name, " must be float32, bfloat16 or float16, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2, "lqlora.", op, ": ", name, " must be 2-D [M, K], got ",
-                    x.dim(), "-D");
-  TORCH_CHECK_VALUE(x.device() == qcodes.device(), "lqlora.", op, ": ", name, " is on ",
-                    x.device(), " but the packed weight is on ", qcodes.device());
-}
 
 // Validated packed weight + the view the launchers take. Holds the (possibly re-aligned)
 // qcodes tensor alive.

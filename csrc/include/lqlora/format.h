@@ -75,4 +75,29 @@ inline void check_packed(const NFLayout& L, const at::Tensor& qcodes, const at::
   chk(levels, "levels", at::kFloat, int64_t(1) << L.bits);
 }
 
+// The NormalFloat level table: fp32 [2^bits] on the weight's device.
+inline void check_levels(const at::Tensor& levels, int64_t bits, const at::Device& dev) {
+  TORCH_CHECK_TYPE(levels.scalar_type() == at::kFloat, "lqlora: levels must be float32, got ",
+                   levels.scalar_type());
+  TORCH_CHECK_VALUE(levels.dim() == 1 && levels.numel() == (int64_t(1) << bits),
+                    "lqlora: levels must have 2^bits = ", int64_t(1) << bits,
+                    " entries, got shape ", levels.sizes());
+  TORCH_CHECK_VALUE(levels.device() == dev, "lqlora: levels is on ", levels.device(),
+                    " but the weight is on ", dev);
+}
+
+// An activation-like operand of qmatmul/qmatmul_t (x, g, lora_a, lora_b): fp32/bf16/fp16,
+// 2-D, on the packed weight's device.
+inline void check_activation(const at::Tensor& x, const at::Tensor& qcodes, const char* name,
+                             const char* op) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                       x.scalar_type() == at::kHalf,
+                   "lqlora.", op, ": ", name, " must be float32, bfloat16 or float16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "lqlora.", op, ": ", name, " must be 2-D [M, K], got ",
+                    x.dim(), "-D");
+  TORCH_CHECK_VALUE(x.device() == qcodes.device(), "lqlora.", op, ": ", name, " is on ",
+                    x.device(), " but the packed weight is on ", qcodes.device());
+}
+
 }  // namespace lqlora
