@@ -7,6 +7,8 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "lqlora/pack.h"
 
 namespace lqlora::cpu {
@@ -40,14 +42,19 @@ LQ_AVX2 void decode_group(const uint32_t* w, __m256 lo, __m256 hi, __m256 v[4]) 
       const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(word, (j & 1) ? sh16 : sh), mask);
       v[j] = _mm256_permutevar8x32_ps(lo, idx);
     }
-  } else {  // 3 bits: codes straddle words; constant-shift scalar unpack first
+  } else {  // 3 bits: codes 8j..8j+7 are exactly bytes [3j, 3j+3) of the group
     static_assert(Bits == 3, "the fused AVX2 path covers 2, 3 and 4 bits");
-    alignas(32) int32_t idx[32];
-#pragma GCC unroll 32
-    for (int i = 0; i < 32; ++i) idx[i] = static_cast<int32_t>(unpack_code<Bits>(w, i));
+    const __m256i sh = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+    const __m256i mask = _mm256_set1_epi32(7);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(w);
     for (int j = 0; j < 4; ++j) {
-      const __m256i id = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx + 8 * j));
-      v[j] = _mm256_permutevar8x32_ps(lo, id);
+      // 4-byte loads at byte 3j stay inside the 12-byte group for j < 3 (the 4th byte is
+      // ignored by the shifts); the last 3 bytes are the top of word 2.
+      uint32_t v24;
+      if (j < 3) std::memcpy(&v24, bytes + 3 * j, 4);
+      else v24 = w[2] >> 8;
+      const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(v24), sh), mask);
+      v[j] = _mm256_permutevar8x32_ps(lo, idx);
     }
   }
 }
@@ -70,10 +77,9 @@ __attribute__((target("avx2,fma"))) void rows_kernel(const uint32_t* qcodes, con
   const __m256 lo = _mm256_load_ps(lut), hi = _mm256_load_ps(lut + 8);
   const int64_t G = K / 32;
   const bool two_blocks = block_shift < 5;  // B0 = 16
-  // Rows of x per pass over W's row. 2/4-bit decoding is a few vector ops, so re-decoding
-  // per 4 rows of x and keeping the accumulators in registers wins; 3-bit decoding is a
-  // scalar unpack, so it is done once for all (up to 16) rows of x.
-  constexpr int MT = Bits == 3 ? 16 : 4;
+  // Rows of x per pass over W's row: decoding is a few vector ops, so re-decoding per 4
+  // rows of x and keeping the accumulators in registers wins over spilling 16 of them.
+  constexpr int MT = 4;
   for (int64_t n = n0; n < n1; ++n) {
     const uint32_t* wrow = qcodes + n * G * Bits;
     const int64_t flat0 = n * K;
