@@ -47,12 +47,8 @@ Packed unpack_args(const at::Tensor& qcodes, const at::Tensor& qscales, const at
                    const at::Tensor& offset, const at::Tensor& levels, int64_t rows, int64_t cols,
                    int64_t bits, int64_t block_size, int64_t scale_bits,
                    int64_t scale_block_size, const char* op) {
-  const NFLayout L = make_layout(rows, cols, bits, block_size, scale_bits, scale_block_size);
-  TORCH_CHECK_VALUE(qcodes.numel() == L.code_words(), "lqlora.", op,
-                    ": the input's inner size does not match the packed weight: a [", rows,
-                    ", ", cols, "] NF", bits, " weight has ", L.code_words(),
-                    " code words, qcodes has ", qcodes.numel());
-  check_packed(L, qcodes, qscales, scale2, offset, levels);
+  const NFLayout L = checked_layout(qcodes, qscales, scale2, offset, levels, rows, cols, bits,
+                                    block_size, scale_bits, scale_block_size, op);
   return Packed{L, reinterpret_cast<const uint32_t*>(qcodes.data_ptr<int32_t>()),
                 decode_scales(qscales, scale2, offset, L.nblocks(), L.scale_bits,
                               L.scale_block_size),

@@ -167,14 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
 at::Tensor unpack_scales_cpu(const at::Tensor& qscales, const at::Tensor& scale2,
                              const at::Tensor& offset, int64_t nblocks, int64_t scale_bits,
                              int64_t scale_block_size) {
-  check_config(2, 64, scale_bits, scale_block_size);
-  TORCH_CHECK_VALUE(nblocks > 0, "lqlora.unpack_scales: nblocks must be positive");
-  TORCH_CHECK_TYPE(qscales.scalar_type() == at::kInt && offset.scalar_type() == at::kFloat,
-                   "lqlora.unpack_scales: qscales must be int32 and offset float32");
-  TORCH_CHECK_VALUE(qscales.numel() == packed_words(nblocks, scale_bits) &&
-                        scale2.numel() == (nblocks + scale_block_size - 1) / scale_block_size &&
-                        offset.numel() == 1,
-                    "lqlora.unpack_scales: packed scale tensors do not match nblocks=", nblocks);
+  check_scale_args(qscales, scale2, offset, nblocks, scale_bits, scale_block_size);
   auto v = decode_scales(qscales.contiguous(), scale2, offset.contiguous(), nblocks,
                          static_cast<int>(scale_bits), scale_block_size);
   return at::from_blob(v.data(), {nblocks}, at::kFloat).clone();

@@ -74,12 +74,8 @@ Packed make_packed(const at::Tensor& qcodes, const at::Tensor& qscales, const at
                    const at::Tensor& offset, const at::Tensor& levels, int64_t rows, int64_t cols,
                    int64_t bits, int64_t block_size, int64_t scale_bits,
                    int64_t scale_block_size, const char* op) {
-  const NFLayout L = make_layout(rows, cols, bits, block_size, scale_bits, scale_block_size);
-  TORCH_CHECK_VALUE(qcodes.numel() == L.code_words(), "lqlora.", op,
-                    ": the input's inner size does not match the packed weight: a [", rows,
-                    ", ", cols, "] NF", bits, " weight has ", L.code_words(),
-                    " code words, qcodes has ", qcodes.numel());
-  check_packed(L, qcodes, qscales, scale2, offset, levels);
+  const NFLayout L = checked_layout(qcodes, qscales, scale2, offset, levels, rows, cols, bits,
+                                    block_size, scale_bits, scale_block_size, op);
   TORCH_CHECK_VALUE(qcodes.is_cuda(), "lqlora.", op, ": expected CUDA tensors, got qcodes on ",
                     qcodes.device());
   at::Tensor qc = aligned16(qcodes);
@@ -158,17 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cuda(
 at::Tensor unpack_scales_cuda(const at::Tensor& qscales, const at::Tensor& scale2,
                               const at::Tensor& offset, int64_t nblocks, int64_t scale_bits,
                               int64_t scale_block_size) {
-  check_config(2, 64, scale_bits, scale_block_size);
-  TORCH_CHECK_VALUE(nblocks > 0, "lqlora.unpack_scales: nblocks must be positive");
-  TORCH_CHECK_TYPE(qscales.scalar_type() == at::kInt && offset.scalar_type() == at::kFloat,
-                   "lqlora.unpack_scales: qscales must be int32 and offset float32");
-  TORCH_CHECK_VALUE(qscales.numel() == packed_words(nblocks, static_cast<int>(scale_bits)) &&
-                        scale2.numel() == (nblocks + scale_block_size - 1) / scale_block_size &&
-                        offset.numel() == 1,
-                    "lqlora.unpack_scales: packed scale tensors do not match nblocks=", nblocks);
-  TORCH_CHECK_VALUE(qscales.device() == scale2.device() && qscales.device() == offset.device(),
-                    "lqlora.unpack_scales: qscales, scale2 and offset must be on one device, "
-                    "got ", qscales.device(), ", ", scale2.device(), ", ", offset.device());
+  check_scale_args(qscales, scale2, offset, nblocks, scale_bits, scale_block_size);
   const DType sdt = to_dtype(scale2.scalar_type(), "unpack_scales", "scale2");
   c10::DeviceGuard guard(qscales.device());
   const at::Tensor qs = qscales.contiguous(), s2 = scale2.contiguous(), off = offset.contiguous();

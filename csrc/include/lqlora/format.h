@@ -100,4 +100,36 @@ inline void check_activation(const at::Tensor& x, const at::Tensor& qcodes, cons
                     x.device(), " but the packed weight is on ", qcodes.device());
 }
 
+// make_layout + check_packed for an op that got the packed weight plus the logical shape
+// (cols taken from the activation): the common entry check of dequantize/qmatmul/qmatmul_t.
+inline NFLayout checked_layout(const at::Tensor& qcodes, const at::Tensor& qscales,
+                               const at::Tensor& scale2, const at::Tensor& offset,
+                               const at::Tensor& levels, int64_t rows, int64_t cols,
+                               int64_t bits, int64_t block_size, int64_t scale_bits,
+                               int64_t scale_block_size, const char* op) {
+  const NFLayout L = make_layout(rows, cols, bits, block_size, scale_bits, scale_block_size);
+  TORCH_CHECK_VALUE(qcodes.numel() == L.code_words(), "lqlora.", op,
+                    ": the input's inner size does not match the packed weight: a [", rows,
+                    ", ", cols, "] NF", bits, " weight has ", L.code_words(),
+                    " code words, qcodes has ", qcodes.numel());
+  check_packed(L, qcodes, qscales, scale2, offset, levels);
+  return L;
+}
+
+// Arguments of unpack_scales: dtypes and lengths agree with nblocks, one device.
+inline void check_scale_args(const at::Tensor& qscales, const at::Tensor& scale2,
+                             const at::Tensor& offset, int64_t nblocks, int64_t scale_bits,
+                             int64_t scale_block_size) {
+  check_config(2, 64, scale_bits, scale_block_size);
+  TORCH_CHECK_VALUE(nblocks > 0, "lqlora.unpack_scales: nblocks must be positive");
+  TORCH_CHECK_TYPE(qscales.scalar_type() == at::kInt && offset.scalar_type() == at::kFloat,
+                   "lqlora.unpack_scales: qscales must be int32 and offset float32");
+  TORCH_CHECK_VALUE(qscales.numel() == packed_words(nblocks, static_cast<int>(scale_bits)) &&
+                        scale2.numel() == (nblocks + scale_block_size - 1) / scale_block_size &&
+                        offset.numel() == 1,
+                    "lqlora.unpack_scales: packed scale tensors do not match nblocks=", nblocks);
+  TORCH_CHECK_VALUE(qscales.device() == scale2.device() && qscales.device() == offset.device(),
+                    "lqlora.unpack_scales: qscales, scale2 and offset must be on one device");
+}
+
 }  // namespace lqlora
