@@ -103,7 +103,7 @@ def check_layers(model, before, config, report):
         with torch.no_grad():
             got = m(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(m.weight.detach(), dense, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.dense_weight(), dense, rtol=1e-5, atol=1e-6)
         assert m.lora_A.requires_grad and m.lora_B.requires_grad
         assert m.bias is None or not m.bias.requires_grad
     return sorted(lq_names)

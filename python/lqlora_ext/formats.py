@@ -109,6 +109,15 @@ def nf_code(bits: int) -> Tensor:
     return _nf_code_cpu(bits).clone()
 
 
+def packed_sizes(numel: int, config: QuantConfig):
+    """Element counts ``(qcodes, qscales, scale2)`` of a packed weight with ``numel``
+    elements (docs/format.md): 32-code groups of ``bits`` int32 words, likewise for the
+    scale codes, one second-level scale per ``scale_block_size`` blocks."""
+    nb = -(-numel // config.block_size)
+    return (-(-numel // 32) * config.bits, -(-nb // 32) * config.scale_bits,
+            -(-nb // config.scale_block_size))
+
+
 class NFTensor:
     """A 2-D weight ``[rows, cols]`` stored as blockwise NormalFloat with double-quantized
     scales (docs/format.md, format version 1).
@@ -216,12 +225,9 @@ class NFTensor:
             if diff:
                 raise ValueError(f"NFTensor.from_state_dict: metadata disagrees with the "
                                  f"tensors: {diff}")
-        n = rows * cols
-        nb = -(-n // bs)
-        expect = {"qcodes": (torch.int32, -(-n // 32) * bits),
-                  "qscales": (torch.int32, -(-nb // 32) * sbits),
-                  "scale2": (config.scale_dtype, -(-nb // sbs)),
-                  "offset": (torch.float32, 1)}
+        n_codes, n_scales, n_groups = packed_sizes(rows * cols, config)
+        expect = {"qcodes": (torch.int32, n_codes), "qscales": (torch.int32, n_scales),
+                  "scale2": (config.scale_dtype, n_groups), "offset": (torch.float32, 1)}
         for k, (dt, length) in expect.items():
             t = state[k]
             if t.dtype != dt or t.dim() != 1 or t.numel() != length:

@@ -19,6 +19,10 @@ def qmatmul(x: Tensor, qw: NFTensor, lora_a: Optional[Tensor] = None,
     x: ``[..., K]`` fp32/bf16/fp16 (any leading dims); qw: ``[N, K]``; lora_a ``[r, K]``;
     lora_b ``[N, r]``. Returns ``[..., N]`` in x's dtype. Differentiable in x, lora_a and
     lora_b (not in the frozen quantized weight). Backed by ``torch.ops.lqlora.qmatmul``.
+
+    Under ``torch.autocast`` it behaves like ``F.linear`` (a lower-precision op): x and the
+    LoRA factors are cast to the autocast dtype and so is the result; the packed weight and
+    its scales are never cast.
     """
     if not isinstance(qw, NFTensor):
         raise TypeError(f"qmatmul: qw must be an NFTensor, got {type(qw).__name__}")
@@ -40,6 +44,13 @@ def qmatmul(x: Tensor, qw: NFTensor, lora_a: Optional[Tensor] = None,
         if lora_a.device != x.device or lora_b.device != x.device:
             raise ValueError(f"qmatmul: LoRA factors are on {lora_a.device}/{lora_b.device}, "
                              f"x is on {x.device}")
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        if dt in _ACT_DTYPES:
+            x = x.to(dt)
+            if lora_a is not None:
+                lora_a, lora_b = lora_a.to(dt), lora_b.to(dt)
     lead = x.shape[:-1]
     c = qw.config
     y = ops.qmatmul(x.reshape(-1, k), *qw._args(), n, c.bits, c.block_size, c.scale_bits,
