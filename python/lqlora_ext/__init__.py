@@ -11,7 +11,10 @@ from .functional import qmatmul
 from .model import AllocationReport, LQLoRAConfig, quantize_model
 from .nn import LQLinear
 
+from . import _hf_hook
+
 __version__ = "0.1.0"
+_hf_hook.install()  # quant_method "lqlora" for transformers' from_pretrained, lazily
 
 # Imported on first use: they pull in highspy / autograd-heavy code not every user needs.
 _LAZY = {"estimate_fisher": "fisher", "solve_allocation": "allocation",

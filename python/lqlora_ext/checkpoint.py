@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .formats import FORMAT_VERSION, NFTensor, QuantConfig, _DTYPE_CODES
-from .nn import LQLinear
+from .nn import LQLinear, attach_hf
 
 CKPT_FORMAT = "lqlora-checkpoint"
 CKPT_VERSION = 1
@@ -206,4 +206,5 @@ def load_quantized(path: str, model: nn.Module) -> nn.Module:
             setattr(model.get_submodule(parent) if parent else model, child, old)
         raise
     model.load_state_dict(state, strict=True)
+    attach_hf(model, freeze=False)  # save_pretrained works; trainability left as it was
     return model

@@ -89,12 +89,14 @@ def _nf_code_cpu(bits: int) -> Tensor:
     # operation (float32 quantile grids from p down to 0.5, the inverse normal CDF in
     # float64, the negative half as -ppf of the upper quantiles, the normalization in
     # float32), so that NF4 is bit-identical to its table, not merely close.
-    p = 0.9677083
+    # Explicit device: the first call may happen under a default-device context (e.g.
+    # transformers building a model on "meta"), and the cached table must be real.
+    p, cpu = 0.9677083, torch.device("cpu")
     half = 2 ** (bits - 1)
-    pos = torch.linspace(p, 0.5, half + 1, dtype=torch.float32)[:-1]
-    neg = torch.linspace(p, 0.5, half, dtype=torch.float32)[:-1]
+    pos = torch.linspace(p, 0.5, half + 1, dtype=torch.float32, device=cpu)[:-1]
+    neg = torch.linspace(p, 0.5, half, dtype=torch.float32, device=cpu)[:-1]
     ppf = lambda q: torch.special.ndtri(q.to(torch.float64)).to(torch.float32)  # noqa: E731
-    v = torch.cat([ppf(pos), torch.zeros(1), -ppf(neg)]).sort().values
+    v = torch.cat([ppf(pos), torch.zeros(1, device=cpu), -ppf(neg)]).sort().values
     return v / v.max()
 
 

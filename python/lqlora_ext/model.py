@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .decomposition import decompose
 from .formats import QuantConfig
-from .nn import LQLinear
+from .nn import LQLinear, attach_hf, freeze_base
 
 
 @dataclasses.dataclass
@@ -26,7 +26,8 @@ class LQLoRAConfig:
     seed: seeds every randomized SVD. The remaining fields tune the decomposition
     (max_iters, tol; profile_tol for the ILP's cost profiling, looser because the ILP only
     compares costs and a tolerance biases every config alike), the cost cache (cache_dir: resumable profiling), parallelism and
-    progress bars.
+    progress bars. freeze_base: afterwards only the adapters (lora_A/lora_B) require grad,
+    as in QLoRA/PEFT.
     """
 
     budget_bits: float
@@ -42,6 +43,7 @@ class LQLoRAConfig:
     cache_dir: Optional[str] = None
     workers: Optional[int] = None
     progress: bool = True
+    freeze_base: bool = True
 
     @property
     def scaling(self) -> float:
@@ -228,5 +230,8 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
         dense_bytes += W.numel() * W.element_size()
         quant_bytes += d.q.nbytes + 2 * config.rank * sum(W.shape)  # low-rank at 16 bits
         _set_module(model, name, layer.to(W.device))
+    if config.freeze_base:
+        freeze_base(model)
+    attach_hf(model, config.freeze_base)  # save_pretrained/from_pretrained, Trainer
     return AllocationReport(entries, config.rank, float(config.budget_bits), config.fisher,
                             dense_bytes, quant_bytes)

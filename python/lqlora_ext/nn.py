@@ -48,8 +48,8 @@ class LQLinear(nn.Module):
                                  f"[{out_features}, r], got {tuple(lora_A.shape)} and "
                                  f"{tuple(lora_B.shape)}")
             self.rank = r
-            self.lora_A = nn.Parameter(lora_A.detach().clone())
-            self.lora_B = nn.Parameter(lora_B.detach().clone())
+            self.lora_A = nn.Parameter(lora_A.detach().clone(memory_format=torch.contiguous_format))
+            self.lora_B = nn.Parameter(lora_B.detach().clone(memory_format=torch.contiguous_format))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
 
@@ -140,3 +140,23 @@ class LQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, quant={self.quant_config.name}, scaling={self.scaling:g}")
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Leave only the LQLinear adapters trainable (the QLoRA/PEFT convention): every other
+    parameter (embeddings, norms, heads, biases) gets ``requires_grad=False``."""
+    adapters = {id(p) for m in model.modules() if isinstance(m, LQLinear)
+                for p in (m.lora_A, m.lora_B) if p is not None}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapters)
+
+
+def attach_hf(model: nn.Module, freeze: bool = True) -> None:
+    """If ``model`` is a transformers ``PreTrainedModel``, record its LQ-LoRA layout as
+    ``config.quantization_config`` (see :mod:`lqlora_ext.hf`). transformers is imported
+    only if the caller already did (a PreTrainedModel implies it)."""
+    import sys
+
+    if "transformers" in sys.modules:
+        from .hf import attach
+        attach(model, freeze)
