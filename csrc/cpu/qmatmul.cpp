@@ -14,6 +14,7 @@
 
 #include "gemv_avx2.h"
 #include "lqlora/format.h"
+#include "lqlora/guards.h"
 #include "scales.h"
 
 namespace lqlora::cpu {
@@ -73,6 +74,7 @@ at::Tensor qmatmul_cpu(const at::Tensor& x, const at::Tensor& qcodes, const at::
                        int64_t scale_bits, int64_t scale_block_size,
                        const std::optional<at::Tensor>& lora_a,
                        const std::optional<at::Tensor>& lora_b, double lora_scale) {
+  const NoAutocast no_autocast;
   check_activation(x, qcodes, "x", "qmatmul");
   const int64_t M = x.size(0), K = x.size(1), N = rows;
   const Packed P = unpack_args(qcodes, qscales, scale2, offset, levels, rows, K, bits,
@@ -127,6 +129,7 @@ at::Tensor qmatmul_t_cpu(const at::Tensor& g, const at::Tensor& qcodes, const at
                          const at::Tensor& scale2, const at::Tensor& offset,
                          const at::Tensor& levels, int64_t cols, int64_t bits, int64_t block_size,
                          int64_t scale_bits, int64_t scale_block_size) {
+  const NoAutocast no_autocast;
   check_activation(g, qcodes, "g", "qmatmul_t");
   const int64_t M = g.size(0), N = g.size(1), K = cols;
   const Packed P = unpack_args(qcodes, qscales, scale2, offset, levels, N, K, bits, block_size,

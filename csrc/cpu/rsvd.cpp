@@ -7,6 +7,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
+#include "lqlora/guards.h"
+
 namespace lqlora {
 namespace {
 
@@ -16,6 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor& a, in
                                                          int64_t oversample, int64_t niter,
                                                          int64_t seed,
                                                          const std::optional<at::Tensor>& init) {
+  const NoAutocast no_autocast;
   TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
                    "lqlora.rsvd: input must be float32 or float64, got ", a.scalar_type());
   TORCH_CHECK_VALUE(a.dim() >= 2, "lqlora.rsvd: input must be [..., m, n], got ", a.dim(), "-D");

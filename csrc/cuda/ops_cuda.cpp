@@ -22,6 +22,7 @@
 
 #include "launch.h"
 #include "lqlora/format.h"
+#include "lqlora/guards.h"
 
 namespace lqlora::cuda {
 namespace {
@@ -192,6 +193,7 @@ at::Tensor qmatmul_cuda(const at::Tensor& x, const at::Tensor& qcodes, const at:
                         int64_t scale_bits, int64_t scale_block_size,
                         const std::optional<at::Tensor>& lora_a,
                         const std::optional<at::Tensor>& lora_b, double lora_scale) {
+  const NoAutocast no_autocast;
   check_activation(x, qcodes, "x", "qmatmul");
   TORCH_CHECK_VALUE(lora_a.has_value() == lora_b.has_value(),
                     "lqlora.qmatmul: lora_a and lora_b must be given together");
@@ -254,6 +256,7 @@ at::Tensor qmatmul_t_cuda(const at::Tensor& g, const at::Tensor& qcodes,
                           const at::Tensor& offset, const at::Tensor& levels, int64_t cols,
                           int64_t bits, int64_t block_size, int64_t scale_bits,
                           int64_t scale_block_size) {
+  const NoAutocast no_autocast;
   check_activation(g, qcodes, "g", "qmatmul_t");
   c10::DeviceGuard guard(g.device());
   const int64_t M = g.size(0), N = g.size(1), K = cols;
