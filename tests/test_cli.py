@@ -244,3 +244,35 @@ def test_smollm2_quantize_default_model(tmp_path, capsys):
     assert rep["perplexity_after"] < 2 * rep["perplexity_before"]
     assert cli.main(["eval", "--model", out, "--seq-len", "128", "--eval-seqs", "4"]) == 0
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------- finetune
+def test_finetune_lowers_heldout_perplexity_and_saves(quantized_dir, tmp_path, capsys):
+    out = str(tmp_path / "ft")
+    rc = cli.main(["finetune", "--model", quantized_dir, "--out", out, "--steps", "30",
+                   "--batch-size", "4", "--lr", "3e-3", "--train-seqs", "64", *SEQ])
+    assert rc == 0
+    with open(os.path.join(out, "finetune.json")) as f:
+        rep = json.load(f)
+    assert rep["perplexity_after"] < rep["perplexity_before"]
+    assert len(rep["losses"]) == 30 and rep["peak_memory_bytes"] > 0
+    lq_model, _ = cli.load_lq(quantized_dir)
+    assert rep["trainable_params"] == sum(m.rank * (m.in_features + m.out_features)
+                                          for m in lq_model.modules()
+                                          if isinstance(m, LQLinear))  # adapters only
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    assert recs[0]["step"] == 1 and recs[-1]["step"] == 30
+    printed = capsys.readouterr().out
+    assert "held-out perplexity:" in printed and "peak memory" in printed
+    # The result is a save_pretrained directory: eval and from_pretrained read it.
+    model, _ = cli.load_lq(out)
+    assert any(isinstance(m, LQLinear) for m in model.modules())
+    assert cli.main(["eval", "--model", out, *SEQ]) == 0
+    ppl = float(capsys.readouterr().out.split("perplexity:")[1])
+    assert math.isclose(ppl, rep["perplexity_after"], rel_tol=1e-4)
+
+
+def test_finetune_refuses_a_dense_model(dense_dir):
+    with pytest.raises(SystemExit, match="not an LQ-LoRA model"):
+        cli.main(["finetune", "--model", dense_dir, "--steps", "1", *SEQ])

