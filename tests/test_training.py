@@ -104,7 +104,8 @@ def test_activation_checkpointing_same_gradients():
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
 
 
-def test_compile_fullgraph_whole_model_forward_backward():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_whole_model_forward_backward(backend):
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -118,7 +119,7 @@ def test_compile_fullgraph_whole_model_forward_backward():
     loss_e.backward()
     ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     loss_c = compiled(x)
     loss_c.backward()
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
