@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from lqlora_ext import LQLinear, cli, data  # noqa: E402
-from lqlora_ext.checkpoint import MANIFEST, WEIGHTS  # noqa: E402
+from lqlora_ext import save_quantized  # noqa: E402
 
 SEQ = ["--seq-len", "32", "--eval-seqs", "4"]
 
@@ -100,8 +100,13 @@ def test_default_model_needs_wheel(monkeypatch):
 # ---------------------------------------------------------------------- quantize / eval
 def test_quantize_outputs(quantized_dir):
     files = set(os.listdir(quantized_dir))
-    assert {MANIFEST, WEIGHTS, "config.json", "report.json"} <= files
+    assert {"model.safetensors", "config.json", "report.json"} <= files
     assert any(f.startswith("tokenizer") for f in files)
+    assert not any(f.startswith(".") for f in os.listdir(os.path.dirname(quantized_dir)))
+    with open(os.path.join(quantized_dir, "config.json")) as f:  # Hugging Face format
+        assert json.load(f)["quantization_config"]["quant_method"] == "lqlora"
+    m = transformers.AutoModelForCausalLM.from_pretrained(quantized_dir)
+    assert sum(isinstance(x, LQLinear) for x in m.modules()) == 14
     with open(os.path.join(quantized_dir, "report.json")) as f:
         rep = json.load(f)
     assert rep["budget_bits"] == 2.75 and rep["rank"] == 4 and rep["fisher"] is True
@@ -166,7 +171,7 @@ def test_quantize_default_out_dir(dense_dir, tmp_path, monkeypatch, capsys):
                    "--budget", "3", "--cache-dir", str(tmp_path / "c"), "--workers", "1", *SEQ])
     assert rc == 0
     name = os.path.basename(dense_dir).split(".")[0]
-    assert os.path.isfile(tmp_path / "lqlora-out" / f"{name}-3b-r2" / MANIFEST)
+    assert cli.is_lq_dir(str(tmp_path / "lqlora-out" / f"{name}-3b-r2"))
     capsys.readouterr()
 
 
@@ -276,3 +281,15 @@ def test_finetune_lowers_heldout_perplexity_and_saves(quantized_dir, tmp_path, c
 def test_finetune_refuses_a_dense_model(dense_dir):
     with pytest.raises(SystemExit, match="not an LQ-LoRA model"):
         cli.main(["finetune", "--model", dense_dir, "--steps", "1", *SEQ])
+
+
+def test_eval_reads_the_save_quantized_format_too(quantized_dir, tmp_path, capsys):
+    model, tok = cli.load_lq(quantized_dir)
+    d = str(tmp_path / "sq")
+    save_quantized(model, d)
+    model.config.save_pretrained(d)
+    tok.save_pretrained(d)
+    assert cli.main(["eval", "--model", quantized_dir, *SEQ]) == 0
+    a = capsys.readouterr().out
+    assert cli.main(["eval", "--model", d, *SEQ]) == 0
+    assert capsys.readouterr().out == a

@@ -13,6 +13,7 @@ target only once complete, so a failed save leaves no partial directory in place
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,11 +71,7 @@ def save_quantized(model: nn.Module, path: str) -> None:
     if not modules:
         raise ValueError("save_quantized: the model has no LQLinear layers (run "
                          "lqlora_ext.quantize_model first)")
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    with atomic_dir(path) as tmp:
         tensors, aliases = _dedup(model.state_dict())
         wpath = os.path.join(tmp, WEIGHTS)
         save_file(tensors, wpath, metadata={"format": CKPT_FORMAT})
@@ -84,6 +81,19 @@ def save_quantized(model: nn.Module, path: str) -> None:
                     "sha256": _sha256(wpath)}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """Yield a temporary sibling directory of ``path`` to fill; on success it replaces
+    ``path`` (any previous one is removed only then), on failure it is deleted and ``path``
+    is untouched: a failed save never leaves a partial directory in place."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
@@ -95,6 +105,15 @@ def save_quantized(model: nn.Module, path: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_pretrained_atomic(model: nn.Module, path: str, *extras) -> None:
+    """``model.save_pretrained(path)`` (plus ``x.save_pretrained`` for each of ``extras``,
+    e.g. a tokenizer), written atomically like :func:`save_quantized`."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        for x in extras:
+            x.save_pretrained(tmp)
 
 
 def read_manifest(path: str) -> dict:

@@ -105,7 +105,7 @@ def _weights_bytes(model) -> int:
 def cmd_quantize(args) -> int:
     import torch
 
-    from .checkpoint import save_quantized
+    from .checkpoint import atomic_dir
     from .data import perplexity, token_batches
     from .model import LQLoRAConfig, quantize_model
 
@@ -129,9 +129,6 @@ def cmd_quantize(args) -> int:
     after_bytes = _weights_bytes(model)
     ppl1 = perplexity(model, held)
     out = args.out or default_out(path, args.budget, args.rank, args.fisher)
-    save_quantized(model, out)
-    model.config.save_pretrained(out)
-    tok.save_pretrained(out)
     summary = {"model": path, "budget_bits": args.budget, "rank": args.rank,
                "fisher": args.fisher, "bits_per_param": report.bits_per_param,
                "bits_per_param_with_lowrank": report.bits_per_param_with_lowrank,
@@ -139,8 +136,11 @@ def cmd_quantize(args) -> int:
                "weights_mib_after": after_bytes / 2**20,
                "perplexity_before": ppl0, "perplexity_after": ppl1,
                "seconds": time.time() - t0}
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({**summary, "allocation": report.to_dict()}, f, indent=1)
+    with atomic_dir(out) as tmp:  # HF format: from_pretrained reads it after import lqlora_ext
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump({**summary, "allocation": report.to_dict()}, f, indent=1)
     print(f"\nmodel weights: {before_bytes / 2**20:.1f} MiB -> {after_bytes / 2**20:.1f} MiB "
           f"(embeddings/norms stay dense)")
     print(f"held-out perplexity: {ppl0:.3f} (dense) -> {ppl1:.3f} (LQ-LoRA "
@@ -158,6 +158,7 @@ def default_out(model_path: str, budget: float, rank: int, fisher: bool) -> str:
 def cmd_finetune(args) -> int:
     import torch
 
+    from .checkpoint import atomic_dir
     from .data import perplexity, token_batches
     from .finetune import finetune, peak_rss_bytes
     from .nn import freeze_base
@@ -184,27 +185,29 @@ def cmd_finetune(args) -> int:
     print(f"held-out perplexity before: {ppl0:.3f}  [{len(held)} x {args.seq_len} tokens]; "
           f"training on {train.shape[0]} x {args.seq_len} tokens", flush=True)
     out = args.out or path.rstrip("/") + "-ft"
-    os.makedirs(out, exist_ok=True)
-    log_path = os.path.join(out, "train_log.jsonl")
-    with open(log_path, "w") as logf:
-        def log(rec):
-            print(f"step {rec['step']:>4}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
-                  f"{rec['step_seconds']:.2f} s/step", flush=True)
-            logf.write(json.dumps(rec) + "\n")
-        res = finetune(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       warmup=min(5, args.steps // 5),
-                       autocast_dtype=torch.bfloat16 if args.bf16 else None,
-                       checkpointing=args.checkpointing, log=log, seed=args.seed)
+    records = []
+
+    def log(rec):
+        print(f"step {rec['step']:>4}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+              f"{rec['step_seconds']:.2f} s/step", flush=True)
+        records.append(rec)
+    res = finetune(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                   warmup=min(5, args.steps // 5),
+                   autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                   checkpointing=args.checkpointing, log=log, seed=args.seed)
     ppl1 = perplexity(model, held)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
     summary = {"model": path, "steps": args.steps, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "lr": args.lr, "bf16": args.bf16,
                "checkpointing": args.checkpointing, "perplexity_before": ppl0,
                "perplexity_after": ppl1, "peak_rss_after_load_bytes": rss_loaded,
                **res.to_dict(), "seconds": time.time() - t0}
-    with open(os.path.join(out, "finetune.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "finetune.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
     mem = res.peak_memory_bytes / 2**20
     print(f"\nloss {res.losses[0]:.3f} -> {res.losses[-1]:.3f} over {args.steps} steps; "
           f"median {res.median_step_seconds:.2f} s/step; peak memory {mem:.0f} MiB "
