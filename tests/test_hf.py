@@ -204,3 +204,13 @@ def test_missing_tensor_refused(saved_llama, tmp_path):
     save_file(state, w, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks tensor 'model.layers.0.self_attn.k_proj.scale2'"):
         AUTO.from_pretrained(d)
+
+
+def test_sharded_checkpoint_and_device_map(saved_llama, tmp_path):
+    m, _, ref = saved_llama
+    m.save_pretrained(tmp_path, max_shard_size="50KB")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    for kw in ({}, {"device_map": "cpu"}):
+        m2 = AUTO.from_pretrained(tmp_path, **kw)
+        with torch.no_grad():
+            torch.testing.assert_close(m2(tiny.tokens()).logits, ref, rtol=0, atol=0)
