@@ -1,11 +1,19 @@
-"""Release wheels: the import-time torch/CUDA check (lqlora_ext._compat)."""
+"""Release wheels: the import-time torch/CUDA check (lqlora_ext._compat) and the wheel
+stamping step of scripts/build_wheels.sh (scripts/stamp_wheel.py), without building one."""
+import base64
+import hashlib
+import importlib.util
+import os
 import types
 import warnings
+import zipfile
 
 import pytest
 import torch
 
 from lqlora_ext import _compat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _info(torch_version, cuda="", abi=None):
@@ -81,3 +89,61 @@ def test_build_info_matches_running_torch():
     assert _compat._major_minor(info.TORCH_VERSION) == _compat._major_minor(torch.__version__)
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("lqlora::qmatmul", "CUDA")
     assert has_cuda == bool(info.CUDA_VERSION)
+
+
+# ------------------------------------------------------------------ scripts/stamp_wheel.py
+def _load_stamp():
+    spec = importlib.util.spec_from_file_location(
+        "stamp_wheel", os.path.join(ROOT, "scripts", "stamp_wheel.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_wheel(path, torch_version, cuda):
+    di = "lqlora_ext-0.1.0.dist-info/"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("lqlora_ext/__init__.py", "")
+        zf.writestr("lqlora_ext/_build_info.py",
+                    f'TORCH_VERSION = "{torch_version}"\nCXX11_ABI = 1\n'
+                    f'CUDA_VERSION = "{cuda}"\nCUDA_ARCHS = ""\n')
+        zf.writestr(di + "METADATA", "Metadata-Version: 2.1\nName: lqlora-ext\nVersion: 0.1.0\n"
+                                     "Requires-Dist: torch>=2.11\nRequires-Dist: numpy\n"
+                                     'Requires-Dist: torchvision; extra == "x"\n')
+        zf.writestr(di + "WHEEL", "Wheel-Version: 1.0\n")
+        zf.writestr(di + "RECORD", "stale\n")
+
+
+@pytest.mark.parametrize("torch_version, cuda, label, req", [
+    ("2.13.0+cpu", "", "cpu.torch2.13", "torch>=2.13,<2.14"),
+    ("2.11.0+cu130", "13.0.88", "cu130.torch2.11", "torch>=2.11,<2.12"),
+    ("2.13.0", "12.8.93", "cu128.torch2.13", "torch>=2.13,<2.14"),
+])
+def test_stamp_wheel(tmp_path, torch_version, cuda, label, req):
+    raw = tmp_path / "lqlora_ext-0.1.0-cp311-cp311-linux_x86_64.whl"
+    _fake_wheel(raw, torch_version, cuda)
+    out = _load_stamp().stamp(str(raw), str(tmp_path / "out"))
+    version = f"0.1.0+{label}"
+    assert os.path.basename(out) == f"lqlora_ext-{version}-cp311-cp311-linux_x86_64.whl"
+    di = f"lqlora_ext-{version}.dist-info/"
+    with zipfile.ZipFile(out) as zf:
+        names = zf.namelist()
+        assert names[-1] == di + "RECORD" and not any("0.1.0.dist-info" in n for n in names)
+        meta = zf.read(di + "METADATA").decode().splitlines()
+        assert f"Version: {version}" in meta and f"Requires-Dist: {req}" in meta
+        assert "Requires-Dist: torch>=2.11" not in meta
+        assert 'Requires-Dist: torchvision; extra == "x"' in meta  # extras untouched
+        record = zf.read(di + "RECORD").decode().splitlines()
+        assert len(record) == len(names)
+        for line in record[:-1]:
+            name, digest, size = line.split(",")
+            data = zf.read(name)
+            want = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert digest == f"sha256={want}" and int(size) == len(data), name
+
+
+def test_stamp_refuses_a_stamped_wheel(tmp_path):
+    raw = tmp_path / "lqlora_ext-0.1.0+cpu.torch2.13-cp311-cp311-linux_x86_64.whl"
+    _fake_wheel(raw, "2.13.0", "")
+    with pytest.raises(SystemExit, match="already has a local version"):
+        _load_stamp().stamp(str(raw), str(tmp_path / "out"))
