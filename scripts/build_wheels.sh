@@ -120,12 +120,12 @@ for i in "${!variants[@]}"; do
   t0=$(date +%s)
   if [ "$label" = cpu ]; then
     env LQLORA_CUDA=OFF "$PYTHON" -m pip wheel --no-build-isolation --no-deps -q \
-      -Cbuild-dir="build/wheel-$label-torch$TORCH_MM-$PYTAG" -w "$work/raw" .
+      --config-settings=build-dir="build/wheel-$label-torch$TORCH_MM-$PYTAG" -w "$work/raw" .
   else
     cuda_root=$(dirname "$(dirname "$nvcc")")
     env LQLORA_CUDA=ON CUDACXX="$nvcc" CUDAToolkit_ROOT="$cuda_root" \
       PATH="$(dirname "$nvcc"):$PATH" "$PYTHON" -m pip wheel --no-build-isolation --no-deps -q \
-      -Cbuild-dir="build/wheel-$label-torch$TORCH_MM-$PYTAG" -w "$work/raw" .
+      --config-settings=build-dir="build/wheel-$label-torch$TORCH_MM-$PYTAG" -w "$work/raw" .
   fi
   t1=$(date +%s)
   stamped=$("$PYTHON" scripts/stamp_wheel.py "$work"/raw/*.whl -o "$work/stamped")
