@@ -4,6 +4,8 @@ Stable public names: QuantConfig, nf_code, quantize, NFTensor, qmatmul, decompos
 Decomposition, estimate_fisher, solve_allocation, config_grid, LQLoRAConfig,
 quantize_model, AllocationReport, LQLinear, save_quantized, load_quantized.
 """
+from ._compat import check_build as _check_build
+_check_build()  # before anything loads _C: a clear ImportError if torch is not the built-for one
 from .checkpoint import load_quantized, save_quantized
 from .decomposition import Decomposition, decompose
 from .formats import FORMAT_VERSION, NFTensor, QuantConfig, nf_code, quantize
