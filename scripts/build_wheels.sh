@@ -21,9 +21,10 @@
 #   AUDITWHEEL            auditwheel executable (default: the one on PATH). Without it the
 #                         wheels keep the linux_x86_64 tag and the script says so.
 #   LQLORA_PLAT           platform tag to ask auditwheel for (default manylinux_2_28_x86_64,
-#                         torch's own). If the binary needs a newer glibc (a CUDA build on a
-#                         glibc >= 2.34 machine: static cudart), the best tag auditwheel allows
-#                         is used instead, with a warning; LQLORA_PLAT_STRICT=1 makes that an error.
+#                         torch's own; CMake keeps both builds within it, see
+#                         csrc/cuda/cudart_glibc_floor.cpp). If a binary still needs a newer
+#                         glibc, the best tag auditwheel allows is used instead, with a
+#                         warning; LQLORA_PLAT_STRICT=1 makes that an error.
 #   LQLORA_NVCC           space-separated nvcc paths to use instead of searching
 #                         /usr/local/cuda*/bin, $CUDA_HOME/bin and PATH
 #   TORCH_CUDA_ARCH_LIST  CUDA archs (default CMakeLists.txt's: sm_80, sm_86, sm_89, sm_90a SASS
