@@ -86,15 +86,17 @@ for nvcc in "${candidates[@]}"; do
   variants+=("$label"); nvccs+=("$(readlink -f "$nvcc")")
 done
 for w in "${want[@]}"; do
-  case " ${variants[*]} " in
-    *" $w "*) ;;
-    *) if [ "$w" != cuda ] || [ ${#variants[@]} -eq 0 ]; then
-         echo "build_wheels.sh: asked for '$w' but found no matching nvcc" \
-              "(searched: ${candidates[*]}; set LQLORA_NVCC)" >&2
-         exit 1
-       fi
-       echo "NOTE: no nvcc found (searched: ${candidates[*]}): no CUDA wheel" >&2 ;;
-  esac
+  case " ${variants[*]} " in *" $w "*) continue ;; esac
+  if [ "$w" = cuda ]; then
+    case " ${variants[*]} " in *" cu"[0-9]*) continue ;; esac  # found at least one toolkit
+    if [ ${#variants[@]} -gt 0 ]; then  # e.g. "cpu cuda" on a machine without nvcc
+      echo "NOTE: no nvcc found (searched: ${candidates[*]}): no CUDA wheel" >&2
+      continue
+    fi
+  fi
+  echo "build_wheels.sh: asked for '$w' but found no matching nvcc" \
+       "(searched: ${candidates[*]}; set LQLORA_NVCC)" >&2
+  exit 1
 done
 
 AUDITWHEEL=${AUDITWHEEL:-$(command -v auditwheel || true)}

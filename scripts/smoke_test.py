@@ -7,8 +7,9 @@ torch sees one.
     python scripts/smoke_test.py --system-torch --no-deps dist/*.whl   # no network (GPU machine)
 
 The torch to install defaults to the exact version the wheel was compiled against (read from
-the wheel's lqlora_ext/_build_info.py, e.g. ``torch==2.13.0+cpu``); ``--torch SPEC`` overrides
-it. ``--system-torch`` makes the venv see the interpreter's site-packages and installs no
+the wheel's lqlora_ext/_build_info.py, e.g. ``torch==2.13.0+cpu``; where that local version
+is not published, as for PyPI's CUDA builds, the public one, ``torch==2.11.0``); ``--torch
+SPEC`` overrides it. ``--system-torch`` makes the venv see the interpreter's site-packages and installs no
 torch (use the torch already there); ``--no-deps`` installs the wheel alone (importing and
 the ops need only torch). A CUDA wheel is also tested with a CPU-only torch: its CPU ops must
 work and its CUDA kernels must be registered (cudart is linked statically).
@@ -135,8 +136,19 @@ def smoke(wheel: str, args) -> dict:
            "--disable-pip-version-check"]
     if args.no_deps:
         pip += ["--no-deps", "--no-index"]
-    torch_spec = [] if args.system_torch else [args.torch or f"torch=={info['TORCH_VERSION']}"]
-    sh([*pip, os.path.abspath(wheel), *torch_spec])
+    built = info["TORCH_VERSION"]
+    torch_spec = [] if args.system_torch else [args.torch or f"torch=={built}"]
+    try:
+        sh([*pip, os.path.abspath(wheel), *torch_spec])
+    except subprocess.CalledProcessError:
+        # PyPI's default CUDA torch reports __version__ "2.11.0+cu130" but is published as
+        # plain 2.11.0, so the exact local version cannot resolve there: retry with the public
+        # version (the import-time check still holds the torch minor).
+        if args.system_torch or args.torch or "+" not in built:
+            raise
+        torch_spec = [f"torch=={built.split('+')[0]}"]
+        print(f"  note: torch=={built} not found; retrying with {torch_spec[0]}", flush=True)
+        sh([*pip, os.path.abspath(wheel), *torch_spec])
     t1 = time.time()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LQLORA_CUDA")}
     script = os.path.join(root, "check.py")
