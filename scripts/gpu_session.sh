@@ -185,9 +185,12 @@ run_stage() {
   return 0
 }
 
+BUILD_TRIED=0
 ensure_built() {
   built_ok && return 0
+  [ "$BUILD_TRIED" = 1 ] && return 0   # it failed once in this call: do not pay for it again
   echo "== extension not built with CUDA here: building first"
+  BUILD_TRIED=1
   run_stage build "$(limit_for build 420)" "$SELF" --internal build
 }
 
@@ -200,6 +203,7 @@ limit_for() {  # limit_for STAGE DEFAULT: $T_<STAGE> overrides
 for s in "${stages[@]}"; do
   case "$s" in
     build)
+      BUILD_TRIED=1
       run_stage build "$(limit_for build 420)" "$SELF" --internal build ;;
     tests)
       ensure_built
