@@ -67,12 +67,23 @@ AWKWARD = (
 ALL = REAL + AWKWARD
 ALL_FAST = REAL_FAST + AWKWARD
 
+# --- benchmark-only shapes (bench/bench_cuda.py) -------------------------------------------
+# Reachable by name through lookup() / BY_NAME but in none of the test tuples above: far too
+# big for any test. LLaMA-2-7B MLP down-projection; LLaMA-2-70B: hidden 8192 (q/o 8192x8192),
+# MLP 28672 (k/v are 1024x8192 under GQA, not benchmarked).
+BENCH_ONLY = (
+    Shape("llama2-7b-down", 4096, 11008, slow=True),
+    Shape("llama2-70b-attn", 8192, 8192, slow=True),
+    Shape("llama2-70b-up", 28672, 8192, slow=True),
+    Shape("llama2-70b-down", 8192, 28672, slow=True),
+)
+
 # --- activation rows M -------------------------------------------------------------------------
 # 1 (decode), 2, 7 (odd), 16 (the fused small-M path's limit), 17 (first GEMM-path M), 53, 128.
 M_VALUES = (1, 2, 7, 16, 17, 53, 128)
 
-BY_ID = {s.id: s for s in ALL}
-BY_NAME = {s.name: s for s in ALL}
+BY_ID = {s.id: s for s in ALL + BENCH_ONLY}
+BY_NAME = {s.name: s for s in ALL + BENCH_ONLY}
 
 
 def lookup(names: Iterable[str]) -> List[Shape]:
