@@ -152,6 +152,14 @@ class Device:
 
 
 # ---------------------------------------------------------------------------------- timing
+def record_error(D: "Device", e: BaseException, row: Dict, errors: List[str], label: str):
+    """A failed measurement: stop if the CUDA context is gone (Abort), else note it in the row
+    and the run's error list and go on."""
+    D.check_alive(e)
+    row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    errors.append(f"{label}: {row['error']}")
+
+
 def _n_iters(est_s: float, a) -> int:
     return int(min(a.max_iters, max(a.min_iters, a.target_s / max(est_s, 1e-7))))
 
@@ -408,10 +416,8 @@ def bench_qmatmul(a, D: Device, info: Dict, res: Dict) -> None:
                 except Abort:
                     raise
                 except Exception as e:  # noqa: BLE001
-                    D.check_alive(e)
-                    row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                    record_error(D, e, row, errors, f"{shape.id} M={m} {name}")
                     row["ok"] = False
-                    errors.append(f"{shape.id} M={m} {name}: {row['error']}")
                 group[name] = row
             base = group[BASE]
             for name, row in group.items():
@@ -507,9 +513,7 @@ def bench_rsvd(a, D: Device, res: Dict) -> None:
         except Abort:
             raise
         except Exception as e:  # noqa: BLE001
-            D.check_alive(e)
-            row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-            res["errors"].append(f"rsvd niter={niter}: {row['error']}")
+            record_error(D, e, row, res["errors"], f"rsvd niter={niter}")
         res["rsvd"].append(row)
     del A, A2
 
@@ -549,9 +553,7 @@ def bench_profile(a, D: Device, res: Dict) -> None:
     except Abort:
         raise
     except Exception as e:  # noqa: BLE001
-        D.check_alive(e)
-        out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        res["errors"].append(f"profiling: {out['error']}")
+        record_error(D, e, out, res["errors"], "profiling")
     res["profiling"] = out
 
 
