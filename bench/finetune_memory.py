@@ -18,7 +18,8 @@ or GGUF file, or ``config:NAME[:LAYERS]``: a Llama built from a config with rand
 (seeded, identical in every variant; nothing downloaded): NAME ``llama2-7b`` (hidden 4096,
 MLP 11008, 32 heads, vocab 32000), or ``tiny`` (for tests); LAYERS defaults to 2. Every
 variant holds its float tensors in --dtype (default float32 on CPU, bfloat16 on CUDA; the
-bitsandbytes compute dtype too). --device cuda reports the CUDA allocator's peak beside the
+bitsandbytes compute dtype too), except that PEFT keeps the adapters of the dense-LoRA and
+QLoRA variants in float32 (its autocast_adapter_dtype default), a few MiB at these ranks. --device cuda reports the CUDA allocator's peak beside the
 RSS. (The GPU run has not been done: no session had a GPU yet.)
 """
 from __future__ import annotations
