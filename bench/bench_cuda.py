@@ -520,8 +520,8 @@ def bench_rsvd(a, D: Device, res: Dict) -> None:
 
 # --------------------------------------------------------------------------- profiling section
 def bench_profile(a, D: Device, res: Dict) -> None:
-    from lqlora_ext.allocation import config_grid
-    from lqlora_ext.profiling import profile_costs
+    from lqlora_ext.method.allocation import config_grid
+    from lqlora_ext.method.profiling import profile_costs
 
     grid = config_grid(a.profile_grid)
     n, r = a.profile_size, a.profile_rank

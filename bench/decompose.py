@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from lqlora_ext.cli import default_model_path, load_dense
+    from lqlora_ext.cli.commands import default_model_path, load_dense
 
     torch.manual_seed(0)
     model, _ = load_dense(args.model or default_model_path())

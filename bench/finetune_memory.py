@@ -79,7 +79,7 @@ def load_base(args):
     import torch
     import transformers
 
-    from lqlora_ext.cli import default_model_path, load_dense
+    from lqlora_ext.cli.commands import default_model_path, load_dense
 
     spec = args.model or default_model_path()
     if not spec.startswith("config:"):

@@ -4,7 +4,7 @@ For each test matrix, quantize-dequantize it with every config of ``config_grid(
 and record (bits/param, relative squared error ||W - Q||^2 / ||W||^2). A config is on the
 matrix's Pareto front when no other config has at most as many bits/param and at most its
 error with one of the two strictly smaller. The ``"default"`` grid of
-:func:`lqlora_ext.allocation.config_grid` is chosen from these counts (configs on the front
+:func:`lqlora_ext.method.allocation.config_grid` is chosen from these counts (configs on the front
 for most matrices); this script prints the table and writes the raw numbers to JSON.
 
 Matrices:
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import lqlora_ext
-from lqlora_ext.allocation import config_grid, solve_allocation
+from lqlora_ext.method.allocation import config_grid, solve_allocation
 
 
 def synthetic_matrices(size: int, seed: int = 0):

@@ -15,7 +15,7 @@ import time
 import torch
 
 import lqlora_ext as lq
-from lqlora_ext.cli import default_model_path, load_dense
+from lqlora_ext.cli.commands import default_model_path, load_dense
 
 
 def main():

@@ -21,8 +21,8 @@ import time
 import torch
 
 import lqlora_ext as lq
-from lqlora_ext.cli import default_model_path, load_dense
-from lqlora_ext.data import perplexity, stdlib_texts, token_batches
+from lqlora_ext.cli.commands import default_model_path, load_dense
+from lqlora_ext.cli.data import perplexity, stdlib_texts, token_batches
 
 BUDGETS = (2.5, 2.75, 3.0, 3.25, 3.5, 4.0)
 

@@ -1,6 +1,6 @@
 // The one place every lqlora:: operator schema is defined (extension-cpp's muladd.cpp
 // pattern). Backend files (cpu/*.cpp, cuda/*.cu) only register kernels for their dispatch
-// key with TORCH_LIBRARY_IMPL; Python adds fake kernels and autograd in lqlora_ext/ops.py.
+// key with TORCH_LIBRARY_IMPL; Python adds fake kernels and autograd in lqlora_ext/ops/__init__.py.
 //
 // Packed-tensor arguments (qcodes, qscales, scale2, offset) follow docs/format.md; `levels`
 // is the fp32 [2^bits] NormalFloat table (lqlora_ext.nf_code(bits)).

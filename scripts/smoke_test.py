@@ -38,7 +38,8 @@ CHECK = r'''
 import json, sys
 import torch
 import lqlora_ext as lq
-from lqlora_ext import _build_info as info, reference as R
+from lqlora_ext import _build_info as info
+from lqlora_ext.ops import reference as R
 
 EPS = {dt: torch.finfo(dt).eps for dt in (torch.float32, torch.bfloat16)}
 rep = {"module": lq.__file__, "torch": torch.__version__, "torch_cuda": torch.version.cuda,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lqlora_ext.allocation import GRID_NAMES, config_grid, solve_allocation
+from lqlora_ext.method.allocation import GRID_NAMES, config_grid, solve_allocation
 from lqlora_ext.formats import QuantConfig
 
 RTOL = 1e-9  # the budget slack and objective tolerance solve_allocation documents

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from lqlora_ext import (LQLinear, LQLoRAConfig, QuantConfig, load_quantized,  # noqa: E402
                         quantize_model, save_quantized)
-from lqlora_ext import checkpoint as ckpt  # noqa: E402
+from lqlora_ext.io import checkpoint as ckpt  # noqa: E402
 
 GRID = [QuantConfig(2, 64, 8, 256), QuantConfig(3, 32, 4, 64, torch.bfloat16),
         QuantConfig(4, 64, 8, 256, torch.float16)]

@@ -14,7 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from lqlora_ext import LQLinear, cli, data  # noqa: E402
+from lqlora_ext import LQLinear  # noqa: E402
+from lqlora_ext.cli import commands as cli, data  # noqa: E402
 from lqlora_ext import save_quantized  # noqa: E402
 
 SEQ = ["--seq-len", "32", "--eval-seqs", "4"]

@@ -398,7 +398,7 @@ def test_qmatmul_torch_compile_fullgraph():
 
 
 def test_qmatmul_backward_on_cuda():
-    # The autograd formula (ops.py) runs qmatmul_t on CUDA; compare with dense autograd.
+    # The autograd formula (lqlora_ext.ops) runs qmatmul_t on CUDA; compare with dense autograd.
     c = grid.DEFAULT
     packed, w = _packed(576, 576, c)
     x = torch.randn(3, 576, device=DEV, requires_grad=True)

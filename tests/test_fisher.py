@@ -6,8 +6,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from lqlora_ext.fisher import estimate_fisher  # noqa: E402
-from lqlora_ext.targets import select_linear_modules  # noqa: E402
+from lqlora_ext.method.fisher import estimate_fisher  # noqa: E402
+from lqlora_ext.method.targets import select_linear_modules  # noqa: E402
 
 LLAMA_BODY = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

@@ -1,5 +1,5 @@
 """Storage format (docs/format.md): NF tables, QuantConfig, the quantize / unpack_scales /
-dequantize kernels bit-exact against lqlora_ext.reference, packing, the packed-size bound,
+dequantize kernels bit-exact against lqlora_ext.ops.reference, packing, the packed-size bound,
 NFTensor serialization and refusal of bad input."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 import lqlora_ext as L
 from lqlora_ext import ops
-from lqlora_ext import reference as R
+from lqlora_ext.ops import reference as R
 from lqlora_ext.formats import NFTensor
 
 import grid

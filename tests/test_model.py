@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import lqlora_ext as lq  # noqa: E402
 from lqlora_ext import LQLinear, LQLoRAConfig, QuantConfig, decompose, quantize_model  # noqa: E402
-import lqlora_ext.allocation as allocation  # noqa: E402
-import lqlora_ext.profiling as profiling  # noqa: E402
+import lqlora_ext.method.allocation as allocation  # noqa: E402
+import lqlora_ext.method.profiling as profiling  # noqa: E402
 
 # 4 configs spanning 2..8 bits (bits/param 2.127, 3.127, 4.127, 8.127)
 GRID = [QuantConfig(2, 64, 8, 256), QuantConfig(3, 64, 8, 256), QuantConfig(4, 64, 8, 256),

@@ -11,7 +11,7 @@ from torch.library import opcheck
 
 import lqlora_ext as L
 from lqlora_ext import ops
-from lqlora_ext import reference as R
+from lqlora_ext.ops import reference as R
 
 import grid
 import shapes

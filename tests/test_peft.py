@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import lqlora_ext  # noqa: E402,F401
-import lqlora_ext.peft as lqp  # noqa: E402
+import lqlora_ext.integrations.peft as lqp  # noqa: E402
 from lqlora_ext import LQLinear  # noqa: E402
 
 import tiny  # noqa: E402

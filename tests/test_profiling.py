@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lqlora_ext import QuantConfig, decompose
-from lqlora_ext import profiling
-from lqlora_ext.profiling import profile_costs
+from lqlora_ext.method import profiling
+from lqlora_ext.method.profiling import profile_costs
 
 import grid
 

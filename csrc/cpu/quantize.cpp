@@ -1,5 +1,5 @@
 // CPU kernels: quantize (dense -> packed), unpack_scales, dequantize (packed -> dense).
-// Numerics follow docs/format.md exactly; lqlora_ext/reference.py is the oracle.
+// Numerics follow docs/format.md exactly; lqlora_ext/ops/reference.py is the oracle.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>

@@ -6,22 +6,20 @@ quantize_model, AllocationReport, LQLinear, save_quantized, load_quantized.
 """
 from ._compat import check_build as _check_build
 _check_build()  # before anything loads _C: a clear ImportError if torch is not the built-for one
-from .checkpoint import load_quantized, save_quantized
-from .decomposition import Decomposition, decompose
-from .formats import FORMAT_VERSION, NFTensor, QuantConfig, nf_code, quantize
-from .functional import qmatmul
-from .model import AllocationReport, LQLoRAConfig, quantize_model
-from .nn import LQLinear
+from .formats import FORMAT_VERSION, NFTensor, QuantConfig, nf_code, qmatmul, quantize
+from .io import load_quantized, save_quantized
+from .method.decomposition import Decomposition, decompose
+from .nn import AllocationReport, LQLinear, LQLoRAConfig, quantize_model
 
-from . import _hf_hook
+from .integrations import hf_hook as _hf_hook
 
 __version__ = "0.1.0"
 _hf_hook.install()  # quant_method "lqlora" for transformers' from_pretrained, lazily
 
 # Imported on first use: they pull in highspy / autograd-heavy code not every user needs.
-_LAZY = {"estimate_fisher": "fisher", "solve_allocation": "allocation",
-         "config_grid": "allocation", "profile_costs": "profiling",
-         "select_linear_modules": "targets"}
+_LAZY = {"estimate_fisher": "method.fisher", "solve_allocation": "method.allocation",
+         "config_grid": "method.allocation", "profile_costs": "method.profiling",
+         "select_linear_modules": "method.targets"}
 
 
 def __getattr__(name):

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .decomposition import decompose
-from .formats import QuantConfig
+from ..formats import QuantConfig
 
 PROFILE_VERSION = 2  # bump when the decomposition's numerics change (2: bnb-exact NF tables)
 

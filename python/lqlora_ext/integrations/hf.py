@@ -25,8 +25,8 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING,
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats import FORMAT_VERSION, QuantConfig, packed_sizes
-from .nn import LQLinear, freeze_base
+from ..formats import FORMAT_VERSION, QuantConfig, packed_sizes
+from ..nn.linear import LQLinear, freeze_base
 
 QUANT_METHOD = "lqlora"
 _PACKED = ("qcodes", "qscales", "scale2", "offset")

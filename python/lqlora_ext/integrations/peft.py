@@ -4,12 +4,12 @@ Workflow (the adapters save and load with PEFT's own methods)::
 
     quantize_model(model, LQLoRAConfig(2.75, rank=64))      # LQLinear: Q + L1 L2
     model.save_pretrained("lq-base")                         # quantized base (HF format)
-    peft_model = get_peft_model(model, lqlora_ext.peft.lora_config(model, lora_dropout=0.05))
+    peft_model = get_peft_model(model, lqlora_ext.integrations.peft.lora_config(model, lora_dropout=0.05))
     ...train (Trainer or your loop)...
     peft_model.save_pretrained("adapter")                    # adapter_model.safetensors
 
     base = AutoModelForCausalLM.from_pretrained("lq-base")   # after `import lqlora_ext`
-    peft_model = lqlora_ext.peft.from_pretrained(base, "adapter")
+    peft_model = lqlora_ext.integrations.peft.from_pretrained(base, "adapter")
 
 When PEFT wraps an :class:`~lqlora_ext.LQLinear`, the layer's own factors L1 L2 become the
 new adapter's initial weights (LQ-LoRA's initialization, METHOD.md §5; rescaled to PEFT's
@@ -35,14 +35,15 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .functional import qmatmul
-from .nn import LQLinear, attach_hf
+from ..formats.functional import qmatmul
+from ..nn.linear import LQLinear
+from .hf_hook import attach_hf
 
 
 def _lq_base(layer: nn.Module) -> LQLinear:
     base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
     if not isinstance(base, LQLinear):
-        raise TypeError(f"lqlora_ext.peft: expected an LQLinear base layer, got "
+        raise TypeError(f"lqlora_ext.integrations.peft: expected an LQLinear base layer, got "
                         f"{type(base).__name__}")
     return base
 
@@ -63,14 +64,14 @@ class LQLoraLinear(_PeftLoraLinear):
         if a is None:
             return
         if config.init_lora_weights is not True:
-            warnings.warn(f"lqlora_ext.peft: init_lora_weights={config.init_lora_weights!r}: "
+            warnings.warn(f"lqlora_ext.integrations.peft: init_lora_weights={config.init_lora_weights!r}: "
                           f"the LQ-LoRA factors of this layer are dropped (the model starts "
                           f"from Q alone)", stacklevel=2)
             return
         if a.shape[0] != r:
-            raise ValueError(f"lqlora_ext.peft: the LQ-LoRA layer has rank {a.shape[0]} but "
+            raise ValueError(f"lqlora_ext.integrations.peft: the LQ-LoRA layer has rank {a.shape[0]} but "
                              f"LoraConfig asks r={r}; use the quantization rank "
-                             f"(lqlora_ext.peft.lora_config(model) sets it)")
+                             f"(lqlora_ext.integrations.peft.lora_config(model) sets it)")
         with torch.no_grad():
             self.lora_A[adapter_name].weight.copy_(a)
             self.lora_B[adapter_name].weight.copy_(b * (base.scaling / self.scaling[adapter_name]))
@@ -112,7 +113,7 @@ class LQLoraLinear(_PeftLoraLinear):
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise NotImplementedError(
             "lqlora_ext: a LoRA adapter cannot be merged into a packed low-bit weight without "
-            "re-quantization. Use lqlora_ext.peft.fold_adapters(peft_model) to get LQLinear "
+            "re-quantization. Use lqlora_ext.integrations.peft.fold_adapters(peft_model) to get LQLinear "
             "layers (Q + adapter, exact), then LQLinear.merge_lowrank() for a dense layer or "
             "LQLinear.requantize() for a new low-bit decomposition.")
 
@@ -136,12 +137,12 @@ def lora_config(model: nn.Module, **kwargs) -> LoraConfig:
     arguments go to LoraConfig (lora_dropout, task_type, ...)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LQLinear)}
     if not layers:
-        raise ValueError("lqlora_ext.peft.lora_config: the model has no LQLinear layers "
+        raise ValueError("lqlora_ext.integrations.peft.lora_config: the model has no LQLinear layers "
                          "(run lqlora_ext.quantize_model first)")
     ranks = {m.rank for m in layers.values()}
     scalings = {m.scaling for m in layers.values()}
     if len(ranks) != 1 or len(scalings) != 1:
-        raise ValueError(f"lqlora_ext.peft.lora_config: LQLinear layers disagree on rank "
+        raise ValueError(f"lqlora_ext.integrations.peft.lora_config: LQLinear layers disagree on rank "
                          f"{sorted(ranks)} / scaling {sorted(scalings)}; pass r, lora_alpha "
                          f"and target_modules yourself")
     r, s = ranks.pop(), scalings.pop()

@@ -9,9 +9,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .decomposition import decompose
-from .formats import QuantConfig
-from .nn import LQLinear, attach_hf, freeze_base
+from ..method.decomposition import decompose
+from ..formats import QuantConfig
+from ..integrations.hf_hook import attach_hf
+from .linear import LQLinear, freeze_base
 
 
 @dataclasses.dataclass
@@ -128,7 +129,7 @@ class AllocationReport:
 
 def _resolve_grid(grid) -> List[QuantConfig]:
     if isinstance(grid, str):
-        from .allocation import config_grid
+        from ..method.allocation import config_grid
         return list(config_grid(grid))
     grid = list(grid)
     if not grid or not all(isinstance(c, QuantConfig) for c in grid):
@@ -157,7 +158,7 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
     """
     from tqdm.auto import tqdm
 
-    from .targets import select_linear_modules
+    from ..method.targets import select_linear_modules
 
     if not isinstance(config, LQLoRAConfig):
         raise TypeError(f"quantize_model: config must be an LQLoRAConfig, got "
@@ -181,7 +182,7 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
 
     fishers = None
     if config.fisher:
-        from .fisher import estimate_fisher
+        from ..method.fisher import estimate_fisher
         fishers = estimate_fisher(model, calibration, target_modules=list(targets),
                                   progress=config.progress)
 
@@ -191,8 +192,8 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
     if len(grid) == 1:  # uniform quantization: nothing to allocate, the budget is moot
         choice = [0] * len(names)
     else:
-        from .allocation import solve_allocation
-        from .profiling import profile_costs
+        from ..method.allocation import solve_allocation
+        from ..method.profiling import profile_costs
         # Feasibility first, before hours of profiling.
         min_bits = float(bpp.min())
         if min_bits > config.budget_bits + 1e-9:
@@ -205,7 +206,7 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
                               workers=config.workers, progress=config.progress)
         choice = solve_allocation(costs, numels, bpp, config.budget_bits).tolist()
 
-    from .profiling import map_matrices
+    from ..method.profiling import map_matrices
 
     tasks = [(targets[n].weight.detach(), grid[k], config.rank,
               None if fishers is None else fishers[n].to(targets[n].weight.device),

@@ -55,7 +55,7 @@ def load_lq(path: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import MANIFEST, load_quantized
+    from ..io.checkpoint import MANIFEST, load_quantized
 
     if os.path.isfile(os.path.join(path, MANIFEST)):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
@@ -73,7 +73,7 @@ def load_lq(path: str):
 
 
 def is_lq_dir(path: str) -> bool:
-    from .checkpoint import MANIFEST
+    from ..io.checkpoint import MANIFEST
 
     if os.path.isfile(os.path.join(path, MANIFEST)):
         return True
@@ -105,9 +105,9 @@ def _weights_bytes(model) -> int:
 def cmd_quantize(args) -> int:
     import torch
 
-    from .checkpoint import atomic_dir
+    from ..io.checkpoint import atomic_dir
     from .data import perplexity, token_batches
-    from .model import LQLoRAConfig, quantize_model
+    from ..nn.model import LQLoRAConfig, quantize_model
 
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -158,10 +158,10 @@ def default_out(model_path: str, budget: float, rank: int, fisher: bool) -> str:
 def cmd_finetune(args) -> int:
     import torch
 
-    from .checkpoint import atomic_dir
+    from ..io.checkpoint import atomic_dir
     from .data import perplexity, token_batches
     from .finetune import finetune, peak_rss_bytes
-    from .nn import freeze_base
+    from ..nn.linear import freeze_base
 
     torch.manual_seed(args.seed)
     t0 = time.time()

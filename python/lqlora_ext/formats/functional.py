@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops
-from .formats import NFTensor
+from .. import ops
+from .nf import NFTensor
 
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -8,8 +8,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .formats import NFTensor, QuantConfig, nf_code, packed_sizes
-from .functional import qmatmul
+from ..formats import NFTensor, QuantConfig, nf_code, packed_sizes
+from ..formats.functional import qmatmul
 
 _PACKED = ("qcodes", "qscales", "scale2", "offset")
 
@@ -124,14 +124,14 @@ class LQLinear(nn.Module):
         (METHOD.md §2) into a new Q' + L1' L2' (same config and rank unless given): the
         way to continue training or to ship a merged model at low bits. The result is a
         new layer; this one is unchanged."""
-        from .decomposition import decompose
+        from ..method.decomposition import decompose
 
         config = self.quant_config if config is None else config
         rank = self.rank if rank is None else rank
         w = self.dense_weight()
         bias = None if self.bias is None else self.bias.detach()
         if rank == 0:
-            from .formats import quantize
+            from ..formats import quantize
             return LQLinear(quantize(w, config), None, None, self.scaling, bias)
         d = decompose(w, config, rank, **decompose_kwargs)
         root = self.scaling ** 0.5
@@ -149,14 +149,3 @@ def freeze_base(model: nn.Module) -> None:
                 for p in (m.lora_A, m.lora_B) if p is not None}
     for p in model.parameters():
         p.requires_grad_(id(p) in adapters)
-
-
-def attach_hf(model: nn.Module, freeze: bool = True) -> None:
-    """If ``model`` is a transformers ``PreTrainedModel``, record its LQ-LoRA layout as
-    ``config.quantization_config`` (see :mod:`lqlora_ext.hf`). transformers is imported
-    only if the caller already did (a PreTrainedModel implies it)."""
-    import sys
-
-    if "transformers" in sys.modules:
-        from .hf import attach
-        attach(model, freeze)

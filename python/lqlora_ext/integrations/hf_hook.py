@@ -1,4 +1,5 @@
-"""Register the "lqlora" quant_method with transformers without importing it.
+"""Register the "lqlora" quant_method with transformers without importing it, and mark
+quantized ``PreTrainedModel`` instances (``attach_hf``) for the layers above ``nn``.
 
 ``import lqlora_ext`` must stay cheap (kernel users never touch transformers), yet
 ``AutoModelForCausalLM.from_pretrained`` of an LQ-LoRA checkpoint must work after it. So:
@@ -54,3 +55,14 @@ def install() -> None:
         _register()
     elif not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
+
+
+def attach_hf(model, freeze: bool = True) -> None:
+    """If ``model`` is a transformers ``PreTrainedModel``, record its LQ-LoRA layout as
+    ``config.quantization_config`` (see :mod:`lqlora_ext.integrations.hf`). transformers
+    is imported only if the caller already did (a PreTrainedModel implies it)."""
+    import sys
+
+    if "transformers" in sys.modules:
+        from .hf import attach
+        attach(model, freeze)

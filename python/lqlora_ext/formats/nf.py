@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
-from . import ops
+from .. import ops
 
 FORMAT_NAME = "lqlora-nf"
 FORMAT_VERSION = 1

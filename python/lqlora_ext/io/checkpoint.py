@@ -24,8 +24,9 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .formats import FORMAT_VERSION, NFTensor, QuantConfig, _DTYPE_CODES
-from .nn import LQLinear, attach_hf
+from ..formats.nf import FORMAT_VERSION, NFTensor, QuantConfig, _DTYPE_CODES
+from ..integrations.hf_hook import attach_hf
+from ..nn.linear import LQLinear
 
 CKPT_FORMAT = "lqlora-checkpoint"
 CKPT_VERSION = 1

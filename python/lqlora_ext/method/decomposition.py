@@ -20,8 +20,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import ops
-from .formats import NFTensor, QuantConfig, quantize
+from .. import ops
+from ..formats import NFTensor, QuantConfig, quantize
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .formats import QuantConfig
+from ..formats import QuantConfig
 
 __all__ = ["solve_allocation", "config_grid", "GRID_NAMES"]
 

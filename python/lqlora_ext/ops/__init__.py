@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (registers torch.ops.lqlora.*)
+from .. import _C  # noqa: F401  (registers torch.ops.lqlora.*)
 
 _ops = torch.ops.lqlora
 

@@ -1,0 +1,5 @@
+"""The ``lqlora`` command line (``lqlora quantize | finetune | eval``), its finetuning loop
+and its built-in text data."""
+from .commands import main
+
+__all__ = ["main"]
