@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from lqlora_ext import (LQLinear, LQLoRAConfig, QuantConfig, load_quantized,  # noqa: E402
                         quantize_model, save_quantized)
 from lqlora_ext.io import checkpoint as ckpt  # noqa: E402
+from lqlora_ext.io.atomic import OUTPUT_MARKER  # noqa: E402
 
 GRID = [QuantConfig(2, 64, 8, 256), QuantConfig(3, 32, 4, 64, torch.bfloat16),
         QuantConfig(4, 64, 8, 256, torch.float16)]
@@ -84,7 +85,7 @@ def test_round_trip(arch, q_llama, q_bert, tmp_path):
     src = q_llama if arch == "llama" else q_bert
     path = str(tmp_path / "ckpt")
     save_quantized(src, path)
-    assert sorted(os.listdir(path)) == [ckpt.MANIFEST, ckpt.WEIGHTS]
+    assert sorted(os.listdir(path)) == [OUTPUT_MARKER, ckpt.MANIFEST, ckpt.WEIGHTS]
     dst = fresh_llama() if arch == "llama" else fresh_bert()
     out = load_quantized(path, dst)
     assert out is dst
@@ -138,15 +139,12 @@ def test_tied_llama_round_trip(tmp_path):
     assert dst.lm_head.weight is dst.model.embed_tokens.weight
 
 
-def test_save_replaces_existing(tmp_path, q_llama):
+def test_save_replaces_previous_checkpoint(tmp_path, q_llama):
     path = tmp_path / "ckpt"
-    path.mkdir()
-    (path / "stale.txt").write_text("old")
     save_quantized(q_llama, str(path))
-    assert sorted(os.listdir(path)) == [ckpt.MANIFEST, ckpt.WEIGHTS]
-    # and again over a real checkpoint: the newest model wins
     other = quantized(fresh_llama(seed=7), grid=[GRID[0]])
-    save_quantized(other, str(path))
+    save_quantized(other, str(path))  # over a real checkpoint: the newest model wins
+    assert sorted(os.listdir(path)) == [OUTPUT_MARKER, ckpt.MANIFEST, ckpt.WEIGHTS]
     dst = fresh_llama()
     load_quantized(str(path), dst)
     assert_same_state(other, dst)
@@ -242,7 +240,7 @@ def edit_manifest(saved, tmp_path, fn):
     return path
 
 
-@pytest.mark.parametrize("key,value", [("version", 2), ("version", None),
+@pytest.mark.parametrize("key,value", [("version", 1), ("version", 3), ("version", None),
                                        ("nf_format_version", 99)])
 def test_wrong_version(saved_llama, tmp_path, key, value):
     path = edit_manifest(saved_llama, tmp_path, lambda m: m.__setitem__(key, value))
