@@ -134,7 +134,7 @@ def check_layout(modules: Mapping[str, dict], found: Found, *, where: str,
         if tuple(hit[1]) != tuple(shape) or not ok_dtype:
             raise LayoutError(f"{where}: tensor {key!r} is {_fmt(hit[0], hit[1])} in the "
                               f"checkpoint, but its config implies {_fmt(dtype, shape)} "
-                              f"(config edited or tensors from another model?)")
+                              f"(mismatched config: edited, or tensors of another model?)")
     for key in found:
         bare = next((key[len(p):] for p in prefixes if p and key.startswith(p)
                      and key[len(p):].rpartition(".")[0] in modules), key)
