@@ -77,6 +77,32 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _vocab_size(model: nn.Module) -> Optional[int]:
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            return None
+        n = getattr(emb, "num_embeddings", None)
+        return n if isinstance(n, int) else None
+    return None
+
+
+def _check_ids(ids: Tensor, vocab: Optional[int], bi: int, r: int) -> None:
+    """Token ids outside the embedding table would fail deep inside the model (an
+    IndexError, or a device assert on a GPU): name the batch, row and position instead."""
+    if vocab is None or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        pos = int(bad.reshape(-1).nonzero()[0])
+        raise ValueError(f"estimate_fisher: batch {bi}, row {r}: token id "
+                         f"{int(ids.reshape(-1)[pos])} at position {pos} is outside the "
+                         f"model's vocabulary (0..{vocab - 1}); was the calibration text "
+                         f"tokenized with another model's tokenizer?")
+
+
 def estimate_fisher(model: nn.Module, batches: Iterable,
                     target_modules: TargetModules = "all-linear", *,
                     progress: bool = True) -> Dict[str, Tensor]:
@@ -111,6 +137,7 @@ def estimate_fisher(model: nn.Module, batches: Iterable,
     """
     modules = select_linear_modules(model, target_modules)
     device = _model_device(model)
+    vocab = _vocab_size(model)
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     saved_modes = [(m, m.training) for m in model.modules()]
@@ -136,6 +163,7 @@ def estimate_fisher(model: nn.Module, batches: Iterable,
             source = [batches] if isinstance(batches, Tensor) else batches
             for bi, batch in enumerate(source):
                 for inputs, r in _rows(batch, bi):
+                    _check_ids(inputs["input_ids"], vocab, bi, r)
                     inputs = {k: v.to(device) if isinstance(v, Tensor) else v
                               for k, v in inputs.items()}
                     out = model(**inputs)

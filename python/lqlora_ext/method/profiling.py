@@ -204,8 +204,12 @@ def cache_settings(w: Tensor, rank: int, seed: int, max_iters: int, tol: float,
             "threads": torch.get_num_threads() if threads is None else threads}
 
 
-def _one_config(w, fisher, cd, rank, settings):
-    return _profile_one(w, fisher, [cd], rank, settings)
+def _one_config(name, w, fisher, cd, rank, settings):
+    try:
+        return _profile_one(w, fisher, [cd], rank, settings)
+    except ValueError as e:  # name the matrix: the decomposition's message does not
+        raise ValueError(f"profile_costs: {name} ({QuantConfig.from_dict(cd).name}): {e}") \
+            from None
 
 
 def profile_costs(weights: Dict[str, Tensor], configs: Sequence[QuantConfig], rank: int, *,
@@ -254,7 +258,7 @@ def profile_costs(weights: Dict[str, Tensor], configs: Sequence[QuantConfig], ra
 
     bar = tqdm(total=len(names) * len(configs), initial=len(names) * len(configs) - len(todo),
                desc="profiling costs", unit="decomp", disable=not progress)
-    tasks = [(weights[rows[i][0]].detach(), None if fishers is None else fishers[rows[i][0]],
+    tasks = [(rows[i][0], weights[rows[i][0]].detach(), None if fishers is None else fishers[rows[i][0]],
               configs[j].to_dict(), rank, rows[i][3]) for i, j in todo]
     if threads is None:  # torch's own thread setting only means something in this process
         workers = 1
