@@ -369,3 +369,18 @@ def test_save_refuses_non_finite_adapters(tmp_path):
         m.model.layers[1].mlp.up_proj.lora_A[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.lora_A.*\[0, 0\].*diverged"):
         m.save_pretrained(tmp_path / "x")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda qc: qc.__setitem__("modules", ["model.layers.0.mlp.up_proj"]),
+     "'modules' must be a non-empty object"),
+    (lambda qc: qc.__setitem__("digests", ["x"]), "'digests' must map tensor names"),
+    (lambda qc: qc["digests"].__setitem__("lm_head.weight", 7), "'digests' must map"),
+    (lambda qc: qc["modules"].__setitem__("model.layers.0.mlp.up_proj", "x"),
+     "entry must be an object"),
+], ids=["modules-list", "digests-list", "digest-int", "entry-str"])
+def test_corrupt_config_structure_named(saved_llama, tmp_path, edit, match):
+    d = _copy(saved_llama[1], tmp_path / "c")
+    _edit_config(d, edit)
+    with pytest.raises(ValueError, match=match):
+        AUTO.from_pretrained(d)

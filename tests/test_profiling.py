@@ -257,17 +257,18 @@ def test_costs_independent_of_thread_and_worker_count(tmp_path):
     """The decompositions run with one intra-op thread whatever torch is set to, so the
     costs are the same bits in-process at 1 or 2 threads and over 2 workers."""
     ws = weights()
+    fs = fishers(ws)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        two = run(ws)
+        two = run(ws, fishers=fs)
         assert torch.get_num_threads() == 2  # restored after each decomposition
     finally:
         torch.set_num_threads(before)
     torch.set_num_threads(1)
-    one = run(ws)
+    one = run(ws, fishers=fs)
     assert torch.equal(one, two)
-    assert torch.equal(run(ws, workers=2), one)
+    assert torch.equal(run(ws, fishers=fs, workers=2), one)
 
 
 def test_unpinned_threads_get_their_own_cache_entries(tmp_path, counting):
