@@ -60,7 +60,9 @@ def _profile_one(w: Tensor, fisher: Optional[Tensor], configs: List[dict], rank:
 
 
 # ------------------------------------------------------------------------ worker pool
-_FORK_TASKS: Optional[Tuple[Callable, Sequence[tuple]]] = None
+# Task lists handed to forked workers by inheritance, by call (two map_matrices generators
+# may be alive at once, e.g. interleaved by a caller).
+_FORK_TASKS: Dict[int, Tuple[Callable, Sequence[tuple]]] = {}
 
 
 def _worker_init() -> None:
@@ -70,8 +72,8 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _run_forked(i: int):
-    fn, tasks = _FORK_TASKS
+def _run_forked(token: int, i: int):
+    fn, tasks = _FORK_TASKS[token]
     return fn(*tasks[i])
 
 
@@ -102,7 +104,6 @@ def map_matrices(fn: Callable, tasks: Sequence[tuple], workers: Optional[int] = 
     tasks are cancelled and the workers terminated at once; what was already yielded is
     the caller's to keep.
     """
-    global _FORK_TASKS
     if workers is None:
         workers = os.cpu_count() or 1
     on_gpu = any(isinstance(a, Tensor) and a.device.type != "cpu" for t in tasks for a in t)
@@ -116,13 +117,14 @@ def map_matrices(fn: Callable, tasks: Sequence[tuple], workers: Optional[int] = 
     import multiprocessing as mp
     fork = "fork" in mp.get_all_start_methods()
     ctx = mp.get_context("fork" if fork else "spawn")
+    token = id(tasks)
     if fork:
-        _FORK_TASKS = (fn, tasks)
+        _FORK_TASKS[token] = (fn, tasks)
     pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
                                initializer=_worker_init)
     try:
         if fork:
-            futs = {pool.submit(_run_forked, i): i for i in range(len(tasks))}
+            futs = {pool.submit(_run_forked, token, i): i for i in range(len(tasks))}
         else:
             futs = {pool.submit(_run_pickled, fn, *t): i for i, t in enumerate(tasks)}
         pending = set(futs)
@@ -137,8 +139,7 @@ def map_matrices(fn: Callable, tasks: Sequence[tuple], workers: Optional[int] = 
     else:
         pool.shutdown(wait=True)
     finally:
-        if fork:
-            _FORK_TASKS = None
+        _FORK_TASKS.pop(token, None)
 
 
 # ------------------------------------------------------------------------------ cache
