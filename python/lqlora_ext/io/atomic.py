@@ -1,6 +1,6 @@
 """Writing an output directory without ever losing a user's files.
 
-Every lqlora save (``save_quantized``, the HF save helpers, ``lqlora quantize/finetune
+Every lqlora save (``save_quantized``, ``save_pretrained_atomic``, ``lqlora quantize/finetune
 --out``) goes through :func:`atomic_dir`:
 
 - The target is checked first (:func:`check_output_dir`): a non-empty directory that is not

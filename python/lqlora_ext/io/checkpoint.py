@@ -29,7 +29,7 @@ from torch import nn
 from ..formats.nf import FORMAT_VERSION, NFTensor, QuantConfig, _DTYPE_CODES
 from ..integrations.hf_hook import attach_hf
 from ..nn.linear import LQLinear
-from .atomic import atomic_dir  # noqa: F401  (re-exported: the CLI and HF helpers use it)
+from .atomic import atomic_dir  # noqa: F401  (re-exported: the CLI uses it)
 from .layout import (LayoutError, check_finite, check_layout, config_digest, lq_keys,
                      validate_modules)
 
