@@ -214,7 +214,7 @@ at::Tensor qmatmul_cuda(const at::Tensor& x, const at::Tensor& qcodes, const at:
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
 
-  if (M <= kSmallM) {
+  if (M <= qmatmul_fused_max_m(to_dtype(x.scalar_type(), "qmatmul", "x"), K)) {
     const at::Tensor xc = aligned16(x.contiguous());
     at::Tensor t;
     LoraView lv{};
@@ -273,11 +273,12 @@ at::Tensor qmatmul_t_cuda(const at::Tensor& g, const at::Tensor& qcodes,
                  "qmatmul_t");
     const int splits = qmatmul_t_splits(N, K, static_cast<int>(M));
     at::Tensor partial = at::empty({splits, M, K}, g.options().dtype(at::kFloat));
+    at::Tensor out = at::empty({M, K}, g.options());
     check_launch(launch_qmatmul_t_small(gc.data_ptr(), to_dtype(g.scalar_type(), "qmatmul_t", "g"),
                                         static_cast<int>(M), P.view, scales.data_ptr<float>(),
-                                        splits, partial.data_ptr<float>(), stream),
+                                        splits, partial.data_ptr<float>(), out.data_ptr(), stream),
                  "qmatmul_t");
-    return (splits == 1 ? partial.view({M, K}) : partial.sum(0)).to(g.scalar_type());
+    return out;
   }
 
   const at::ScalarType dt = g.scalar_type();

@@ -1,7 +1,6 @@
-// qmatmul decode path (1 <= M <= kSmallM): out[M, N] = x[M, K] @ W^T (+ LoRA), W [N, K]
-// packed (docs/format.md), fp32 accumulation, out in x's dtype. Included once per activation
-// dtype by qmatmul_{fp32,bf16,fp16}.cu (explicit instantiation), so the 3 x 7 x 3 kernel
-// variants compile in parallel translation units.
+// qmatmul on CUDA cores (1 <= M <= kSmallM): out[M, N] = x[M, K] @ W^T (+ LoRA), W [N, K]
+// packed (docs/format.md), fp32 accumulation, out in x's dtype; the LoRA down-projection.
+// qmatmul_dispatch.cuh picks among these and the tensor-core kernel (qmatmul_mma.cuh).
 //
 // Speed model (H100 SXM, NF4 B0=64 8192x8192, M = 1; estimated from the sm_90a SASS, not
 // yet measured): the floor is the weight stream, 32 MiB of codes + 1 MiB of scale codes at
@@ -214,8 +213,8 @@ __global__ void __launch_bounds__(32 * kQmmMaxWarps)
     const int r = idx / MT, m = idx % MT, n = n0 + r;
     if (n >= N || m >= M) continue;
     float v = 0.f;
-    for (int k = 0; k < WK; ++k) v += red[k][r][m];
-    if (lora.t != nullptr) v += lora_term(lora, m, n);
+    for (int k = 0; k < WK; ++k) v = __fadd_rn(v, red[k][r][m]);
+    if (lora.t != nullptr) v = __fadd_rn(v, lora_term(lora, m, n));  // no FMA contraction
     out[static_cast<int64_t>(m) * N + n] = from_float<XT>(v);
   }
 }
@@ -260,20 +259,21 @@ __global__ void __launch_bounds__(128)
     if (m >= M) break;
     float v = warp_sum(acc[m]);
     if (lane == 0) {
-      if (lora.t != nullptr) v += lora_term(lora, m, n);
+      if (lora.t != nullptr) v = __fadd_rn(v, lora_term(lora, m, n));
       out[static_cast<int64_t>(m) * N + n] = from_float<XT>(v);
     }
   }
 }
 
 // t[m, j] = sum_k x[m, k] * a[j, k]: x XT [M, K], a [rank, K] (a_dtype), t fp32 [M, rank].
-// One block per j (rank is small); fp32 accumulation.
+// Grid (rank, ceil(M / 16)): block (j, y) does rows [16y, 16y + 16); fp32 accumulation.
 template <typename XT>
 __global__ void __launch_bounds__(256)
     lora_down_kernel(const XT* __restrict__ x, int M, int K, const void* __restrict__ a,
                      DType a_dtype, int rank, float* __restrict__ t) {
   __shared__ float part[8][kSmallM];
-  const int j = blockIdx.x;
+  const int j = blockIdx.x, m0 = blockIdx.y * kSmallM;
+  const int Mt = min(kSmallM, M - m0);
   float acc[kSmallM];
 #pragma unroll
   for (int m = 0; m < kSmallM; ++m) acc[m] = 0.f;
@@ -281,8 +281,8 @@ __global__ void __launch_bounds__(256)
     const float av = load_as_float(a, a_dtype, static_cast<int64_t>(j) * K + k);
 #pragma unroll
     for (int m = 0; m < kSmallM; ++m) {
-      if (m >= M) break;
-      acc[m] = fmaf(av, to_float(x[static_cast<int64_t>(m) * K + k]), acc[m]);
+      if (m >= Mt) break;
+      acc[m] = fmaf(av, to_float(x[static_cast<int64_t>(m0 + m) * K + k]), acc[m]);
     }
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -292,53 +292,12 @@ __global__ void __launch_bounds__(256)
     if (lane == 0) part[warp][m] = v;
   }
   __syncthreads();
-  if (threadIdx.x < M) {
+  const int tid = static_cast<int>(threadIdx.x), warps = static_cast<int>(blockDim.x >> 5);
+  if (tid < Mt) {
     float v = 0.f;
-    for (int w = 0; w < (blockDim.x >> 5); ++w) v += part[w][threadIdx.x];
-    t[threadIdx.x * rank + j] = v;
+    for (int w = 0; w < warps; ++w) v = __fadd_rn(v, part[w][tid]);
+    t[(m0 + tid) * rank + j] = v;
   }
-}
-
-// Picks the kernel variant for (bits, M, K) and launches it (plus the LoRA down-projection).
-template <typename XT>
-cudaError_t qmatmul_small(const XT* x, int M, const PackedView& w, const LoraView* lora, XT* out,
-                          cudaStream_t stream) {
-  const int N = static_cast<int>(w.rows), K = static_cast<int>(w.cols);
-  const ScaleArgs sa =
-      make_scale_args(w.qscales, w.scale2, w.scale2_dtype, w.scale_bits, w.scale_block_size);
-  const int log2_b0 = ilog2(w.block_size);
-  const int nblocks = static_cast<int>(ceil_div<int64_t>(w.rows * w.cols, w.block_size));
-  LoraArgs la{nullptr, nullptr, DType::kFloat32, 0, 0.f};
-  if (lora != nullptr) {
-    LQ_LAUNCH(lora->rank, 256, 0, stream, lora_down_kernel<XT>)(x, M, K, lora->a, lora->a_dtype,
-                                                         lora->rank, lora->t);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    la = LoraArgs{lora->t, lora->b, lora->b_dtype, lora->rank, lora->scale};
-  }
-  if (K % 32 != 0) {
-    LQ_LAUNCH(ceil_div(N, 4), 128, 0, stream, qmatmul_generic_kernel<XT>)(
-        x, M, K, N, w.qcodes, w.bits, sa, w.offset, w.levels, log2_b0, la, out);
-    return cudaGetLastError();
-  }
-  const int G = K / 32;
-  const int WK = G >= 32 * kQmmMaxWarps ? kQmmMaxWarps : (G >= 64 ? 2 : 1);
-  const dim3 block(32, WK);
-  return LQ_CUDA_BITS_SWITCH(w.bits, [&] {
-    // Tile shapes (MT accumulators per row, R rows per block) per M range: R = 4 shares
-    // each activation load among 4 rows; at M > 4 the accumulators (MT * R) bound R to 2.
-    if (M == 1) {
-      LQ_LAUNCH(ceil_div(N, 4), block, 0, stream, qmatmul_fast_kernel<kBits, XT, 1, 4>)(
-          x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
-    } else if (M <= 4) {
-      LQ_LAUNCH(ceil_div(N, 4), block, 0, stream, qmatmul_fast_kernel<kBits, XT, 4, 4>)(
-          x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
-    } else {
-      LQ_LAUNCH(ceil_div(N, 2), block, 0, stream, qmatmul_fast_kernel<kBits, XT, kSmallM, 2>)(
-          x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
-    }
-    return cudaGetLastError();
-  });
 }
 
 }  // namespace lqlora::cuda
