@@ -121,40 +121,35 @@ def _reg_name(o: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
+def _is_pred(r: Optional[str]) -> bool:
+    return bool(r) and r.lstrip("U").startswith("P")
+
+
 def _dest_regs(ins: Instr) -> List[str]:
-    """Registers (R/UR/P/UP) an instruction may write."""
+    """Registers (R/UR/P/UP) an instruction may write: the first operand, a second
+    predicate output (ISETP-like compares; IADD3/LEA carry-out; LOP3's ``P, R`` form), and
+    the registers after a wide destination (.64/.128, IMAD.WIDE, CS2R, fp64)."""
     if ins.op in _NO_DEST or not ins.operands:
         return []
-    out: List[str] = []
     ops = list(ins.operands)
-    n_pred_out = 0
+    out: List[str] = [r for r in [_reg_name(ops[0])] if r]
+    second = _reg_name(ops[1]) if len(ops) > 1 else None
     if ins.op in ("ISETP", "UISETP", "FSETP", "HSETP2", "PLOP3", "UPLOP3", "DSETP", "CSETP"):
-        n_pred_out = 2
-    for o in ops[: max(1, n_pred_out)]:
-        r = _reg_name(o)
-        if r:
-            out.append(r)
-    if ins.op in ("IADD3", "UIADD3", "LEA", "ULEA", "IMAD", "LOP3", "ULOP3", "VIADD") and len(ops) > 1:
-        r = _reg_name(ops[1])  # carry-out / predicate output in second place
-        if r and r.lstrip("U").startswith("P"):
-            out.append(r)
-        if ins.op in ("LOP3", "ULOP3") and r is None and _reg_name(ops[0]) and _reg_name(ops[0]).lstrip("U").startswith("P"):
-            r2 = _reg_name(ops[1])
-            if r2:
-                out.append(r2)
-    if ins.op in ("LOP3", "ULOP3") and out and out[0].lstrip("U").startswith("P") and len(ops) > 1:
-        r2 = _reg_name(ops[1])
-        if r2:
-            out.append(r2)
+        if second:
+            out.append(second)
+    elif ins.op in ("IADD3", "UIADD3", "LEA", "ULEA", "IMAD", "VIADD") and _is_pred(second):
+        out.append(second)
+    elif ins.op in ("LOP3", "ULOP3") and out and _is_pred(out[0]) and second:
+        out.append(second)  # LOP3.LUT P0, R5, a, b, c, lut, Pq
     width = 1
     if "128" in ins.mods or ins.op in ("HMMA", "LDSM", "IMMA"):
         width = 4
-    elif "64" in ins.mods or "WIDE" in ins.mods:
+    elif "64" in ins.mods or "WIDE" in ins.mods or "F64" in ins.mods or ins.op in (
+            "CS2R", "DADD", "DFMA", "DMUL"):
         width = 2
-    if out and width > 1 and out[0].lstrip("U").startswith("R"):
-        base = out[0]
-        pre = "UR" if base.startswith("UR") else "R"
-        n = int(base[len(pre):])
+    if out and width > 1 and not _is_pred(out[0]):
+        pre = "UR" if out[0].startswith("UR") else "R"
+        n = int(out[0][len(pre):])
         out += [f"{pre}{n + k}" for k in range(1, width)]
     return out
 
@@ -185,8 +180,6 @@ def _value(o: str, regs: Dict[str, int], params: Dict[int, int]) -> Optional[int
         v = params.get(int(core.split("][")[1].rstrip("]"), 16))
     else:
         v = _to_int(core)
-        if v is not None and neg:
-            return v  # _to_int already folded the sign of "-0x1"
     if v is None:
         return None
     if neg:
@@ -250,7 +243,7 @@ def transfer(ins: Instr, regs: Dict[str, int], preds: Dict[str, bool],
                 new_r[d] = params.get(off + 4 * k)
         elif op in ("MOV", "UMOV", "MOV32I") and len(ops) >= 2:
             new_r[dests[0]] = v(ops[1])
-        elif op in ("IADD3", "UIADD3") and dests and not any(d.lstrip("U").startswith("P") for d in dests):
+        elif op in ("IADD3", "UIADD3") and dests and not any(_is_pred(d) for d in dests):
             a, b, c = (v(o) for o in ops[-3:])
             new_r[dests[0]] = None if None in (a, b, c) else (a + b + c) & M32
         elif op == "VIADD" and len(ops) == 3:
@@ -271,7 +264,7 @@ def transfer(ins: Instr, regs: Dict[str, int], preds: Dict[str, bool],
                 new_r[dests[0]] = None
         elif op in ("LOP3", "ULOP3") and "LUT" in ins.mods:
             # LOP3.LUT [Pd,] Rd, a, b, c, lut, Pq
-            k = 2 if ops and _reg_name(ops[0]) and _reg_name(ops[0]).lstrip("U").startswith("P") else 1
+            k = 2 if ops and _is_pred(_reg_name(ops[0])) else 1
             a, b, c, lut = (v(o) for o in ops[k:k + 4])
             res = None if None in (a, b, c, lut) else _lop3(a, b, c, lut)
             if k == 2:
@@ -298,13 +291,10 @@ def transfer(ins: Instr, regs: Dict[str, int], preds: Dict[str, bool],
                 new_p[_reg_name(ops[1])] = None
         else:
             for d in dests:
-                if d.lstrip("U").startswith("P"):
-                    new_p[d] = None
-                else:
-                    new_r[d] = None
+                (new_p if _is_pred(d) else new_r)[d] = None
     except (IndexError, TypeError):
         for d in dests:
-            (new_p if d.lstrip("U").startswith("P") else new_r)[d] = None
+            (new_p if _is_pred(d) else new_r)[d] = None
     if guard is None:  # predicated with an unknown guard: the old value may survive
         new_r = {d: (x if regs.get(d) == x else None) for d, x in new_r.items()}
         new_p = {d: (x if preds.get(d) == x else None) for d, x in new_p.items()}
@@ -324,7 +314,7 @@ def transfer(ins: Instr, regs: Dict[str, int], preds: Dict[str, bool],
             preds[d] = x
     for d in dests:  # any other written register becomes unknown
         if d not in new_r and d not in new_p:
-            (preds if d.lstrip("U").startswith("P") else regs).pop(d, None)
+            (preds if _is_pred(d) else regs).pop(d, None)
 
 
 def propagate_constants(instrs: Sequence[Instr], blocks: Sequence[Block],

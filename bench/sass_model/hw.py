@@ -26,6 +26,7 @@ class Device:
     bw_efficiency: float     # achievable fraction of peak HBM bandwidth (see BW_NOTE)
     l2_bytes: int            # datasheet/whitepaper: 50 MB L2 (H100 SXM5, H200)
     bf16_dense_flops: float  # datasheet: 989.4 TFLOPS bf16 dense (sparsity halves it)
+    gemm_efficiency: float = 0.75   # see GEMM_NOTE
     issue_per_clk: float = 4.0      # whitepaper: 4 sub-partitions, 1 warp-instr/clk each
     smem_bytes_per_clk: float = 128.0  # whitepaper/guide: 32 banks x 4 B per clock per SM
     max_warps_per_sm: int = 64      # guide, "Technical Specifications", cc 9.0
@@ -39,6 +40,9 @@ class Device:
 CLOCK_NOTE = ("1.755 GHz: the boost clock reported under load for GH100 (Chips and Cheese, "
               "'Nvidia's H100: Funny L2, and Tons of Bandwidth', 2023); the SXM5 datasheet "
               "maximum is 1.98 GHz, memory-bound loads usually run below it")
+GEMM_NOTE = ("cuBLAS bf16 GEMMs of LLM shapes sustain ~700-750 TFLOPS on H100 SXM (NVIDIA's "
+             "published cuBLAS / Transformer Engine figures), ~75% of the dense peak; both sides "
+             "of a large-M speedup use it")
 BW_NOTE = ("90% of peak: the device-to-device copy bandwidth that STREAM-like tests reach on "
            "HBM3 parts; both sides of every speedup use the same fraction")
 
@@ -89,15 +93,16 @@ class KernelTime:
 
 def kernel_time(dev: Device, blocks: int, threads: int, warp_counts: Counts, warps_total: float,
                 dram_bytes: float, warp_cycles: float, resident_blocks: int,
-                lut_conflict: float = 1.0, graph: bool = True) -> KernelTime:
+                lut_conflict: float = 1.0, graph: bool = True,
+                lut_lds: Optional[float] = None) -> KernelTime:
     """Largest of the bounds for one launch of ``blocks`` blocks.
 
     warp_counts: the average warp's counts; warps_total: warps in the grid. Work spreads
     over min(blocks, SMs) SMs, each taking ceil(blocks / SMs) blocks' worth (wave
     quantization); the latency bound is ceil(blocks / (SMs x resident)) waves of the
-    longest warp's path. lut_conflict multiplies the table-lookup LDS wavefronts."""
+    longest warp's path. lut_conflict multiplies the wavefronts of the ``lut_lds``
+    table-lookup LDS per warp (default: every LDS with a computed address)."""
     clk = dev.clock_hz
-    sms_used = max(1, min(blocks, dev.sms))
     per_sm = math.ceil(blocks / dev.sms) * (warps_total / max(blocks, 1))  # warps per SM
     b: Dict[str, float] = {}
     b["memory"] = dram_bytes / (dev.hbm_bytes_s * dev.bw_efficiency) * 1e6
@@ -108,14 +113,14 @@ def kernel_time(dev: Device, blocks: int, threads: int, warp_counts: Counts, war
             rate = HMMA_PER_CLK
         if n and rate:
             b[f"pipe:{pipe}"] = per_sm * n / rate / clk * 1e6
-    lds = warp_counts.lds_wavefronts + (lut_conflict - 1.0) * warp_counts.lut_lds
+    lut = warp_counts.lut_lds if lut_lds is None else lut_lds
+    lds = warp_counts.lds_wavefronts + (lut_conflict - 1.0) * lut
     wavefronts = lds + warp_counts.l1_wavefronts
     b["smem/L1"] = per_sm * wavefronts * 128 / dev.smem_bytes_per_clk / clk * 1e6
     waves = math.ceil(blocks / (dev.sms * max(resident_blocks, 1)))
     b["latency"] = waves * warp_cycles / clk * 1e6
     binding = max(b, key=b.get)
     launch = dev.launch_us_graph if graph else dev.launch_us_eager
-    _ = sms_used
     return KernelTime(b, launch, b[binding] + launch, binding)
 
 
@@ -129,10 +134,11 @@ def elementwise_time(dev: Device, nbytes: float, graph: bool = True) -> KernelTi
 def gemm_time(dev: Device, M: int, N: int, K: int, elem_bytes: int = 2,
               graph: bool = True, extra_bytes: float = 0.0) -> KernelTime:
     """cuBLAS bf16 GEMM out[M, N] = x[M, K] @ W[N, K]^T at its roofline: the larger of
-    the bytes (W, x, out read/written once) over HBM and 2MNK over the dense peak."""
+    the bytes (W, x, out read/written once) over HBM and 2MNK over the sustained tensor
+    rate (dense peak x gemm_efficiency)."""
     nbytes = (N * K + M * K + M * N) * elem_bytes + extra_bytes
     b = {"memory": nbytes / (dev.hbm_bytes_s * dev.bw_efficiency) * 1e6,
-         "tensor": 2.0 * M * N * K / dev.bf16_dense_flops * 1e6}
+         "tensor": 2.0 * M * N * K / (dev.bf16_dense_flops * dev.gemm_efficiency) * 1e6}
     binding = max(b, key=b.get)
     launch = dev.launch_us_graph if graph else dev.launch_us_eager
     return KernelTime(b, launch, b[binding] + launch, binding)

@@ -210,15 +210,16 @@ def _has(ops: Dict[str, int], op: str) -> int:
     return ops.get(op, 0)
 
 
-def unrolled_trips(n: int, u: int, sibling_u: int) -> float:
-    """Trips of one copy of a runtime loop of n iterations that the compiler unrolled:
-    the copy with u bodies runs n // u times; a u = 1 remainder copy next to an unrolled
-    sibling runs n % sibling_u times."""
-    if u > 1:
-        return float(n // u)
-    if sibling_u > 1:
-        return float(n % sibling_u)
-    return float(n)
+def unrolled_trips(n: int, u: int, copies: Sequence[int]) -> float:
+    """Trips of the copy with u bodies of a runtime loop of n iterations that the compiler
+    emitted as copies unrolled by ``copies`` (e.g. 16, 4, 1): they run greedily, the widest
+    first, each on what the previous left (n = 8 over 16/4/1: 0, 2, 0 trips)."""
+    rest = n
+    for c in sorted(set(copies) | {u}, reverse=True):
+        t, rest = divmod(rest, c)
+        if c == u:
+            return float(t)
+    return 0.0
 
 
 def _ldg_ef(info: LoopInfo) -> bool:
@@ -286,17 +287,17 @@ def fast_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
                 continue  # the LUT fill loops before the hot loop: at most one trip
             if i.loop.depth == 0:  # epilogue: for (idx = tid; idx < R*MT; idx += 32*WK)
                 avg[i.index], mx[i.index] = epi_warps / WK, 1.0
-            elif _has(i.own_ops, "LDS"):  # for (k < WK) v += red[k][r][m]
-                u = _has(i.own_ops, "LDS")
-                sib = max((_has(o.own_ops, "LDS") for o in infos
-                           if o.loop.parent == i.loop.parent and o.index != i.index), default=0)
-                avg[i.index] = mx[i.index] = unrolled_trips(WK, u, sib)
-            elif _has(i.own_ops, "LDG"):  # lora_term: for (j < rank) t[m, j] * b[n, j]
+            elif _has(i.own_ops, "LDS"):  # for (k < WK) v += red[k][r][m]: 1 LDS per k
+                copies = [_has(o.own_ops, "LDS") for o in infos
+                          if o.loop.parent == i.loop.parent and _has(o.own_ops, "LDS")]
+                avg[i.index] = mx[i.index] = unrolled_trips(WK, _has(i.own_ops, "LDS"), copies)
+            elif _has(i.own_ops, "LDG"):  # lora_term: for (j < rank): loads t[m, j], b[n, j]
+                # one copy per b dtype (only the reached one runs), each unrolled
+                copies = [max(1, _has(o.own_ops, "LDG") // 2) for o in infos
+                          if o.loop.parent == i.loop.parent and _has(o.own_ops, "LDG")
+                          and reached[o.index]]
                 u = max(1, _has(i.own_ops, "LDG") // 2)
-                sib = max((max(1, _has(o.own_ops, "LDG") // 2) for o in infos
-                           if o.loop.parent == i.loop.parent and o.index != i.index
-                           and _has(o.own_ops, "LDG")), default=0)
-                avg[i.index] = mx[i.index] = unrolled_trips(ctx.lora_rank, u, sib)
+                avg[i.index] = mx[i.index] = unrolled_trips(ctx.lora_rank, u, copies)
         return avg, mx, hot
 
     def hint(info) -> Optional[float]:
@@ -346,10 +347,9 @@ def lora_down_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
             if _has(i.own_ops, "LDG"):
                 avg[i.index] = float(n)
             elif _has(i.own_ops, "LDS"):
-                u = _has(i.own_ops, "LDS")
-                sib = max((_has(o.own_ops, "LDS") for o in infos if o.index != i.index
-                           and not _has(o.own_ops, "LDG")), default=0)
-                avg[i.index] = unrolled_trips(8, u, sib if u == 1 else 0)
+                copies = [_has(o.own_ops, "LDS") for o in infos
+                          if _has(o.own_ops, "LDS") and not _has(o.own_ops, "LDG")]
+                avg[i.index] = unrolled_trips(8, _has(i.own_ops, "LDS"), copies)
         k_loops = [i for i in infos if _has(i.own_ops, "LDG")]
         hot = k_loops[0].index if k_loops else None
         return avg, list(avg), hot

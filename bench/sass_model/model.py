@@ -81,6 +81,25 @@ def run(kernel: Kernel, ctx: Ctx, dev: Device, graph: bool = True) -> LaunchResu
     smem = kernel.res.get("SHARED", 0)
     resident = occupancy(dev, la.threads, regs, smem)
     conflict = lut_conflict_factor(la.lut_levels) if la.lut_levels else 1.0
+    # table lookups: one LDS per decoded weight (32 per warp-instruction); other LDS with
+    # computed addresses (dequantize's tile transpose) are conflict-free by construction
+    lut = min(an.per_warp.lut_lds, la.weights / 32 / max(la.warps_total, 1.0)) if la.lut_levels else 0.0
     kt = kernel_time(dev, la.grid, la.threads, an.per_warp, la.warps_total, la.dram_bytes,
-                     an.warp_cycles, resident, conflict, graph)
+                     an.warp_cycles, resident, conflict, graph, lut_lds=lut)
     return LaunchResult(kernel.demangled, ctx, la, an, kt, resident)
+
+
+def param_drift(kernel: Kernel) -> list:
+    """Constant-bank parameter offsets the kernel's SASS reads that the table's parameter
+    layout does not have (a changed kernel signature): [] when they agree."""
+    import re
+
+    from .kernels import PARAM_BASE, layout
+
+    spec = KERNELS[kernel.family]
+    lay, end, _ = layout(spec.params)
+    valid = set()
+    for off, size in lay.values():
+        valid |= {off + 4 * k for k in range(max(1, size // 4))}
+    seen = {int(m, 16) for m in re.findall(r"c\[0x0\]\[(0x[0-9a-fA-F]+)\]", kernel.section)}
+    return sorted(o for o in seen if o >= PARAM_BASE and o not in valid)

@@ -53,8 +53,12 @@ def default_module() -> str:
 
 
 def _run(args: List[str], what: str) -> str:
+    env = dict(os.environ)
+    nvdisasm = find_tool("nvdisasm")  # cuobjdump -sass runs it; without it, it prints no SASS
+    if nvdisasm:
+        env["PATH"] = os.path.dirname(nvdisasm) + os.pathsep + env.get("PATH", "")
     try:
-        p = subprocess.run(args, capture_output=True, text=True, check=False)
+        p = subprocess.run(args, capture_output=True, text=True, check=False, env=env)
     except OSError as e:
         raise ToolError(f"{what}: cannot run {args[0]}: {e}") from e
     if p.returncode != 0:
@@ -68,8 +72,16 @@ def list_arches(cuobjdump: str, so: str) -> List[str]:
     return sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", out)))
 
 
-def dump_sass(cuobjdump: str, so: str, arch: str) -> str:
-    return _run([cuobjdump, "-sass", "-arch", arch, so], "cuobjdump -sass")
+def dump_sass(cuobjdump: str, so: str, arch: str, functions: Optional[List[str]] = None) -> str:
+    """SASS of every kernel for ``arch`` (or only the mangled ``functions``)."""
+    args = [cuobjdump, "-sass", "-arch", arch]
+    if functions:
+        args += ["-fun", ",".join(functions)]
+    out = _run(args + [so], "cuobjdump -sass")
+    if "Function :" in out and not re.search(r"/\*[0-9a-f]{4}\*/", out):
+        raise ToolError("cuobjdump printed kernel names but no instructions: it needs nvdisasm "
+                        "beside it or on PATH (`pip install nvidia-cuda-nvdisasm`)")
+    return out
 
 
 def dump_res_usage(cuobjdump: str, so: str, arch: str) -> str:

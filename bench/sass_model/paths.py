@@ -109,7 +109,8 @@ def qmatmul_path(ix, dev: Device, shape: str, N: int, K: int, M: int, bits: int,
         if lora_rank:
             k = _kernel(ix, "lora_down_kernel", (xt,))
             r = model.run(k, dataclasses.replace(base, t=(xt,)), dev, graph)
-            steps.append(Step(k.demangled.split("(")[0], r.time, r.launch.dram_bytes, r))
+            steps.append(Step(f"lora_down_kernel<{xt}> ({lora_rank} blocks)", r.time,
+                              r.launch.dram_bytes, r))
         MT, R = decode_tile(M)
         k = _kernel(ix, "qmatmul_fast_kernel", (bits, xt, MT, R))
         r = model.run(k, dataclasses.replace(base, t=(bits, xt, MT, R)), dev, graph)
