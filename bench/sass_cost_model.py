@@ -71,6 +71,10 @@ UNCERTAINTY = [
     "Throughput bounds assume the busiest SM keeps all four schedulers fed; the latency bound "
     "(one warp's dependent path, from the SASS control codes, times the waves of resident "
     "blocks) is separate, and real kernels land between max() and the sum of the two.",
+    "Activations that every block reads are charged L1 latency when M x K x 2 bytes fit in "
+    "160 KiB, L2 latency beyond (kernels.L1_RESIDENT_BYTES). At M = 16, K = 8192 (256 KiB) that "
+    "makes the decode kernel latency-bound; with L1 hits it would be issue-bound at about twice "
+    "the speed (the sensitivity table's second row).",
     "Latencies are unloaded pointer-chase figures (hw.LATENCY); at full HBM bandwidth the "
     "loaded DRAM latency is higher, which lengthens latency-bound kernels (qmatmul_t, lora_down).",
     "Branches the constant propagation cannot settle are counted on both sides (the SIMT upper "
@@ -606,6 +610,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doc["sanity"] = sanity(doc)
     atomic_write(args.out_json, json.dumps(doc, indent=1) + "\n")
     atomic_write(args.out_md, to_markdown(doc))
+    for sect, rows in results.items():
+        pick = {}
+        for r in rows:
+            if r["bits"] == 4:
+                pick.setdefault((r["shape"], r["M"]), {})[r["device"]] = r
+        if not pick:
+            continue
+        print(f"\n{sect} (NF4): shape, M, H100 us / x / bound, H200 us / x")
+        for (shape, M), d in pick.items():
+            a, b = d.get(hw.H100.name), d.get(hw.H200.name)
+            if a and b:
+                print(f"  {shape:<16} M={M:<5} {a['us']:8.1f} us {a['speedup_vs_bf16']:5.2f}x "
+                      f"{a['binding']:<40} {b['us']:8.1f} us {b['speedup_vs_bf16']:5.2f}x")
+    print()
     for t in doc["targets"]:
         print(f"{t['id']:>14} {t['device']:<9} predicted {t['predicted']:<34} target {t['target']:<14} "
               f"{'meets' if t['meets'] else 'MISSES'}  ({t['binding']})")
