@@ -321,12 +321,26 @@ def _ldg_b(r: dict) -> str:
     return f"{sum(v for k, v in r['per_weight'].items() if k.startswith('ldg_bytes:')):.2f}"
 
 
+def row_target(r: dict) -> str:
+    """The issue-12 target of a result row: exact (shape, M, NF) match, or the target of the
+    same M and NF at its reference shape in parentheses; "-" where the issue sets none."""
+    lora = r.get("lora_rank", 0)
+    for t in TARGETS:
+        if (t["op"], t["M"], t["bits"], t["lora"]) != (r["op"], r["M"], r["bits"], lora):
+            continue
+        want = {"speedup": f">= {t['value']}x", "overhead": f"<= +{100 * t['value']:.0f}%",
+                "dense": "<= dense"}[t["kind"]]
+        return want if r["shape"] == t["shape"] else f"({want} at {t['shape']})"
+    return "-"
+
+
 def md_path_table(rows: List[dict], title: str, note: str, extra: Optional[str] = None) -> List[str]:
     out = [f"## {title}", "", note, ""]
     hdr = ("| shape | M | NF | instr/w | LDS/w | FFMA/w | HFMA2/w | INT/w | IMAD/w | conv/w | "
            "LDG B/w | DRAM B/w | H100 us | H100 x | H100 bound | H200 us | H200 x | H200 bound |")
     if extra:
         hdr += f" {extra} |"
+    hdr += " issue target |"
     out += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     by_key: Dict[tuple, Dict[str, dict]] = {}
     for r in rows:
@@ -342,6 +356,7 @@ def md_path_table(rows: List[dict], title: str, note: str, extra: Optional[str] 
                 f"{b['speedup_vs_bf16']:.2f} | {b['binding']} |")
         if extra == "LoRA overhead H100 / H200":
             line += f" +{100 * a['lora_overhead']:.0f}% / +{100 * b['lora_overhead']:.0f}% |"
+        line += f" {row_target(a)} |"
         out.append(line)
     return out + [""]
 

@@ -695,13 +695,3 @@ def analyze(instrs: Sequence[Instr], params: Dict[int, int],
     cycles = simulate_warp(instrs, blocks, loops, fmax, mx, latency)
     st, ld = spill_bytes(instrs)
     return KernelAnalysis(per_warp, loops, list(avg), hot, hot_iter, cycles, dec, st, ld)
-
-
-def loop_stats(loop: Loop, blocks: Sequence[Block], instrs: Sequence[Instr]) -> Counter:
-    """Opcode (with modifiers) histogram of a loop body, nested loops included."""
-    c: Counter = Counter()
-    for bi in loop.body:
-        for i in range(blocks[bi].start, blocks[bi].end):
-            c[instrs[i].full_op] += 1
-            c[instrs[i].op] += 1
-    return c

@@ -30,7 +30,7 @@ import math
 import struct
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .analysis import Decisions, Loop, loop_stats
+from .analysis import Loop
 from .sass import Block, Instr
 
 PARAM_BASE = 0x210  # sm_70+: kernel parameters start at c[0x0][0x210]
@@ -431,8 +431,8 @@ def t_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
     g_level = activation_level(M * N * xb)
 
     def levels(instrs):
-        # codes (32-bit read-only loads): DRAM; scales fp32: L2 (a line serves 32 blocks of
-        # 8 columns); g[m, n] (16-bit, or fp32 for fp32 g): one value for the whole warp
+        # codes and the fp32 scales (32-bit read-only loads, each read by one block): DRAM;
+        # g[m, n] (16-bit; one address for the whole warp, read by every column block): L1/L2
         return {i.addr: (g_level if ("U16" in i.mods) else "dram") for i in instrs if i.op == "LDG"}
 
     return Launch(grid, 256, params, float(live_warps),

@@ -52,15 +52,6 @@ class LaunchResult:
     time: KernelTime
     resident_blocks: int
 
-    def per_weight(self) -> Dict[str, float]:
-        """Lane-instructions per weight by class (warp-instructions x 32 / weights) over
-        the whole launch, and DRAM bytes per weight."""
-        w = max(self.launch.weights, 1.0)
-        tot = self.launch.warps_total
-        out = {c: v * tot * 32 / w for c, v in sorted(self.analysis.per_warp.by_class.items())}
-        out["total"] = self.analysis.per_warp.total * tot * 32 / w
-        return out
-
 
 _CACHE: Dict[Tuple, A.KernelAnalysis] = {}
 
