@@ -95,7 +95,7 @@ UNCERTAINTY = [
 ]
 
 
-# ------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------ tools, files, spills
 def tool_version(path: Optional[str]) -> Optional[str]:
     if not path:
         return None

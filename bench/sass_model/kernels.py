@@ -173,7 +173,7 @@ def activation_level(nbytes: float) -> str:
     return "l1" if nbytes <= L1_RESIDENT_BYTES else "l2"
 
 
-# ------------------------------------------------------------------ loop helpers
+# ------------------------------------------------------------------ loops: roles and trips
 @dataclasses.dataclass
 class LoopInfo:
     index: int
