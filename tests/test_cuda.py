@@ -343,6 +343,22 @@ def test_qmatmul_lora(shape, m, xdt, be):
     _check(got, x, w, a, b, 0.5, what="qmatmul+lora")
 
 
+@pytest.mark.parametrize("rank", [1, 5, 64, 100])
+@pytest.mark.parametrize("m", [1, 3, 9, 40])
+@pytest.mark.parametrize("xdt", ["fp32", "bf16", "fp16"])
+def test_qmatmul_fused_lora_ranks(xdt, m, rank, be):
+    # The LoRA term runs in the base product's launch (producer blocks + a counter): ranks
+    # that do not fill a producer block (1, 5, 100 % 4 = 0 but 100 % 16 != 0), M tiles,
+    # both the CUDA-core (fp32 x, M <= 4) and the tensor-core epilogue.
+    c = QuantConfig(4, 32, 8, 64, torch.bfloat16)
+    packed, w = _packed(be, 136, 1024, c, seed=rank)
+    x = torch.randn(m, 1024, device=be.dev).to(FP[xdt])
+    a = (torch.randn(rank, 1024, device=be.dev) / 32).to(FP[xdt])
+    b = torch.randn(136, rank, device=be.dev).to(FP[xdt])
+    _check(be.ops.qmatmul(x, *packed, 136, *_args(c), a, b, 0.75), x, w, a, b, 0.75,
+           what=f"qmatmul+lora r={rank} M={m} {xdt}")
+
+
 def test_qmatmul_noncontiguous_and_misaligned_inputs(be):
     c = grid.DEFAULT
     packed, w = _packed(be, 576, 576, c)

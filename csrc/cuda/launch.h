@@ -42,6 +42,7 @@ struct LoraView {
   int rank;
   float scale;
   float* t;       // workspace fp32 [M, rank] (= x @ a^T)
+  int* ready;     // workspace int32 [1] (the fused kernels' producer counter; zeroed here)
 };
 
 // ŝ[j] for j in [0, nblocks): fp32 out[nblocks], bit-exact with the CPU.

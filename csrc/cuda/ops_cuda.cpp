@@ -216,16 +216,17 @@ at::Tensor qmatmul_cuda(const at::Tensor& x, const at::Tensor& qcodes, const at:
 
   if (M <= qmatmul_fused_max_m(to_dtype(x.scalar_type(), "qmatmul", "x"), K)) {
     const at::Tensor xc = aligned16(x.contiguous());
-    at::Tensor t;
+    at::Tensor t, ready;
     LoraView lv{};
     if (a.defined() && a.size(0) > 0) {
       a = a.contiguous();
       b = b.contiguous();
       t = at::empty({M, a.size(0)}, x.options().dtype(at::kFloat));
+      ready = at::empty({1}, x.options().dtype(at::kInt));
       lv = LoraView{a.data_ptr(), to_dtype(a.scalar_type(), "qmatmul", "lora_a"),
                     b.data_ptr(), to_dtype(b.scalar_type(), "qmatmul", "lora_b"),
                     static_cast<int>(a.size(0)), static_cast<float>(lora_scale),
-                    t.data_ptr<float>()};
+                    t.data_ptr<float>(), ready.data_ptr<int>()};
     }
     check_launch(launch_qmatmul_small(xc.data_ptr(), to_dtype(x.scalar_type(), "qmatmul", "x"),
                                       static_cast<int>(M), P.view, t.defined() ? &lv : nullptr,

@@ -26,6 +26,7 @@
 //    shared memory once per block.
 #pragma once
 #include "common.cuh"
+#include "lora.cuh"
 
 namespace lqlora::cuda {
 
@@ -76,8 +77,9 @@ __device__ __forceinline__ void lookup8(const float* lut, const uint32_t (&w)[Bi
 //   qcodes : uint32 [N*K/32 * Bits], 16-byte aligned   (group of (n, g) = n*K/32 + g)
 //   sa     : scale codes; offset fp32 [1]; levels fp32 [2^Bits]
 //   B0 = 1 << log2_b0, nblocks = ceil(N*K / B0)
-//   lora   : optional epilogue (t precomputed by lora_down_kernel)
-// Grid: ceil(N / R) blocks of (32, WK) threads. Block b owns rows [b*R, b*R + R); warp y
+//   lora   : the fused LoRA term (lora.cuh): blocks [0, lora.producers) compute x @ a^T
+// Grid: lora.producers + ceil(N / R) blocks of (32, WK) threads. Block P + b owns rows
+// [b*R, b*R + R); warp y
 // owns the contiguous group range [y*Gw, (y+1)*Gw) of those rows (Gw a multiple of 32) and
 // walks it 32 groups per step, lane l on group base + l. The loop bounds are warp-uniform
 // (lanes past the range run masked), so the warp can shuffle scales.
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(32 * kQmmMaxWarps)
     qmatmul_fast_kernel(const XT* __restrict__ x, int M, int K, int N,
                         const uint32_t* __restrict__ qcodes, ScaleArgs sa,
                         const float* __restrict__ offset, const float* __restrict__ levels,
-                        int log2_b0, int nblocks, LoraArgs lora, XT* __restrict__ out) {
+                        int log2_b0, int nblocks, LoraFused lora, XT* __restrict__ out) {
   static_assert(Bits >= 2 && Bits <= 8, "NF codes are 2..8 bits");
   static_assert(MT >= 1 && MT <= kSmallM && R >= 1, "tile shape");
   constexpr int kLevels = 1 << Bits;
@@ -106,11 +108,16 @@ __global__ void __launch_bounds__(32 * kQmmMaxWarps)
   const int tid = wk * 32 + lane;
   for (int i = tid; i < kLevels; i += 32 * WK) lut[i] = levels[i];
   __syncthreads();
+  const int bid = static_cast<int>(blockIdx.x);
+  if (bid < lora.producers) {  // the LoRA down-projection (lora.cuh)
+    lora_produce(lora, x, M, K, bid);
+    return;
+  }
 
   const int G = K >> 5;                                 // groups per row
   const int Gw = ceil_div(ceil_div(G, WK), 32) * 32;    // groups per warp, multiple of 32
   const int g_begin = wk * Gw, g_end = min(G, g_begin + Gw);
-  const int n0 = blockIdx.x * R;
+  const int n0 = (bid - lora.producers) * R;
   const float o = offset[0];
   const bool per_lane_scales = log2_b0 == 4;  // B0 = 16
   int row_group[R];  // first group of each row (rows past N clamp to N-1: never stored)
@@ -208,14 +215,16 @@ __global__ void __launch_bounds__(32 * kQmmMaxWarps)
       const float v = warp_sum(acc[r][m]);
       if (lane == 0) red[wk][r][m] = v;
     }
+  if (lora.producers > 0 && tid == 0) lora_wait(lora);
   __syncthreads();
-  for (int idx = tid; idx < R * MT; idx += 32 * WK) {
+  // One warp per output: the cross-warp sum, then the LoRA term with the lanes over rank.
+  for (int idx = wk; idx < R * MT; idx += WK) {
     const int r = idx / MT, m = idx % MT, n = n0 + r;
-    if (n >= N || m >= M) continue;
+    if (n >= N || m >= M) continue;  // warp-uniform
     float v = 0.f;
     for (int k = 0; k < WK; ++k) v = __fadd_rn(v, red[k][r][m]);
-    if (lora.t != nullptr) v = __fadd_rn(v, lora_term(lora, m, n));  // no FMA contraction
-    out[static_cast<int64_t>(m) * N + n] = from_float<XT>(v);
+    if (lora.producers > 0) v = __fadd_rn(v, __fmul_rn(lora.scale, lora_dot(lora, m, n)));
+    if (lane == 0) out[static_cast<int64_t>(m) * N + n] = from_float<XT>(v);
   }
 }
 

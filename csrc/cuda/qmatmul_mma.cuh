@@ -29,6 +29,7 @@
 
 #include "common.cuh"
 #include "ptx.cuh"
+#include "lora.cuh"
 #include "qmatmul_kernels.cuh"
 
 namespace lqlora::cuda {
@@ -58,14 +59,15 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 //   x      : XT [M, K] contiguous, 16-byte aligned     out: XT [M, N]
 //   qcodes : uint32 [N*K/32 * Bits], 16-byte aligned  (group of (n, q) = n*K/32 + q)
-//   sa, offset, levels, log2_b0: as qmatmul_fast_kernel; lora as its epilogue
-// Grid: ceil(N / (8*NT)) blocks of (32, WK) threads.
+//   sa, offset, levels, log2_b0: as qmatmul_fast_kernel
+//   lora   : the fused LoRA term (lora.cuh); its up-projection is a second, small MMA
+// Grid: lora.producers + ceil(N / (8*NT)) blocks of (32, WK) threads.
 template <int Bits, typename XT, int MT16>
 __global__ void __launch_bounds__(32 * kMmaWarps)
     qmatmul_mma_kernel(const XT* __restrict__ x, int M, int K, int N,
                        const uint32_t* __restrict__ qcodes, ScaleArgs sa,
                        const float* __restrict__ offset, const float* __restrict__ levels,
-                       int log2_b0, LoraArgs lora, XT* __restrict__ out) {
+                       int log2_b0, LoraFused lora, XT* __restrict__ out) {
   using Tr = MmaTraits<MT16>;
   constexpr int NT = Tr::NT;
   constexpr int kLevels = 1 << Bits;
@@ -76,12 +78,17 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
   const int g = lane >> 2, t = lane & 3;
   for (int i = wk * 32 + lane; i < kLevels; i += 32 * WK) lut[i] = levels[i];
   __syncthreads();
+  const int bid = static_cast<int>(blockIdx.x);
+  if (bid < lora.producers) {  // the LoRA down-projection (lora.cuh)
+    lora_produce(lora, x, M, K, bid);
+    return;
+  }
 
   const int G = K >> 5;                                    // groups per row
   const int chunks = ceil_div(G, 4);                       // 4 groups (128 k) per chunk
   const int per_warp = ceil_div(chunks, WK);
   const int c_begin = wk * per_warp, c_end = min(chunks, c_begin + per_warp);
-  const int n0 = blockIdx.x * Tr::kRowsPerBlock;
+  const int n0 = (bid - lora.producers) * Tr::kRowsPerBlock;
   const float o = offset[0];
 
   int row_group[NT];  // first group of row n0 + 8j + g (rows past N clamp: never stored)
@@ -175,6 +182,53 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
         for (int e = 0; e < 4; ++e)
           acc[j][i][e] = __fadd_rn(acc[j][i][e], red[k - 1][j][i][lane][e]);
 
+  if (lora.producers > 0) {  // acc += scale * t @ b^T, on tensor cores (t rounded to XT)
+    if (lane == 0) lora_wait(lora);
+    __syncwarp();
+    float la[NT][MT16][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < MT16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) la[j][i][e] = 0.f;
+    auto tv = [&](int m, int jj) {
+      return m < M && jj < lora.rank ? __ldcg(lora.t + m * lora.rank + jj) : 0.f;
+    };
+    auto bv = [&](int n, int jj) {
+      return jj < lora.rank
+                 ? load_as_float(lora.b, lora.b_dtype, static_cast<int64_t>(n) * lora.rank + jj)
+                 : 0.f;
+    };
+    for (int s0 = 0; s0 < lora.rank; s0 += 16) {  // standard k order: slots 2t.. = s0 + 2t..
+      const int c0 = s0 + 2 * t, c8 = c0 + 8;
+      uint32_t b[NT][2];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int n = min(n0 + 8 * j + g, N - 1);
+        b[j][0] = pack2<XT>(bv(n, c0), bv(n, c0 + 1));
+        b[j][1] = pack2<XT>(bv(n, c8), bv(n, c8 + 1));
+      }
+#pragma unroll
+      for (int i = 0; i < MT16; ++i) {
+        const int m = 16 * i + g;
+        const uint32_t a[4] = {pack2<XT>(tv(m, c0), tv(m, c0 + 1)),
+                               pack2<XT>(tv(m + 8, c0), tv(m + 8, c0 + 1)),
+                               pack2<XT>(tv(m, c8), tv(m, c8 + 1)),
+                               pack2<XT>(tv(m + 8, c8), tv(m + 8, c8 + 1))};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) ptx::mma_16816<XT>(la[j][i], a, b[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < MT16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          acc[j][i][e] = __fadd_rn(acc[j][i][e], __fmul_rn(lora.scale, la[j][i][e]));
+  }
+
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -183,9 +237,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
       for (int e = 0; e < 4; ++e) {
         const int m = 16 * i + g + 8 * (e >> 1), n = n0 + 8 * j + 2 * t + (e & 1);
         if (m >= M || n >= N) continue;
-        float v = acc[j][i][e];
-        if (lora.t != nullptr) v = __fadd_rn(v, lora_term(lora, m, n));
-        out[static_cast<int64_t>(m) * N + n] = from_float<XT>(v);
+        out[static_cast<int64_t>(m) * N + n] = from_float<XT>(acc[j][i][e]);
       }
 }
 
@@ -200,7 +252,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
   }()
 
 template <typename XT>
-cudaError_t launch_qmatmul_mma(const XT* x, int M, const PackedView& w, const LoraArgs& la,
+cudaError_t launch_qmatmul_mma(const XT* x, int M, const PackedView& w, const LoraFused& la,
                                XT* out, cudaStream_t stream) {
   const int N = static_cast<int>(w.rows), K = static_cast<int>(w.cols);
   const ScaleArgs sa =
@@ -210,7 +262,7 @@ cudaError_t launch_qmatmul_mma(const XT* x, int M, const PackedView& w, const Lo
   const dim3 block(32, WK);
   return LQ_CUDA_BITS_SWITCH(w.bits, [&] {
     return LQ_MMA_MT16_SWITCH(M, [&] {
-      const int grid = ceil_div(N, MmaTraits<kMT16>::kRowsPerBlock);
+      const int grid = la.producers + ceil_div(N, MmaTraits<kMT16>::kRowsPerBlock);
       LQ_LAUNCH(grid, block, 0, stream, qmatmul_mma_kernel<kBits, XT, kMT16>)(
           x, M, K, N, w.qcodes, sa, w.offset, w.levels, ilog2(w.block_size), la, out);
       return cudaGetLastError();
