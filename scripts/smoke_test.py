@@ -103,6 +103,23 @@ def run(device):
 
 
 run("cpu")
+# The SIMT emulator build of the CUDA kernels, when the wheel has it: same bits as the CPU.
+rep["emulator"] = bool(getattr(info, "EMU", False))
+if rep["emulator"]:
+    from lqlora_ext.ops import emu
+    E = emu.load()
+    w = torch.randn(53, 100, generator=torch.Generator().manual_seed(1))
+    cfg = lq.QuantConfig(bits=3, block_size=16)
+    args = (3, 16, cfg.scale_bits, cfg.scale_block_size)
+    lv = lq.nf_code(3)
+    got = E.quantize(w, lv, *args, cfg.scale_dtype)
+    want = torch.ops.lqlora.quantize(w, lv, *args, cfg.scale_dtype)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), "emulated quantize != CPU"
+    x = torch.randn(2, 100)
+    within_baseline(E.qmatmul(x, *want, lv, 53, *args, None, None, 1.0), x,
+                    torch.ops.lqlora.dequantize(*want, lv, 53, 100, *args, torch.float32),
+                    what="emulated qmatmul NF3 53x100")
+    rep["checks"].append("emulator: quantize == CPU quantize (bit-exact)")
 rep["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
 if rep["gpu"] is not None:
     assert has_cuda, "a GPU is present but this wheel has no CUDA kernels"

@@ -310,14 +310,14 @@ cudaError_t qmatmul_small(const XT* x, int M, const PackedView& w, const LoraVie
   const int nblocks = static_cast<int>(ceil_div<int64_t>(w.rows * w.cols, w.block_size));
   LoraArgs la{nullptr, nullptr, DType::kFloat32, 0, 0.f};
   if (lora != nullptr) {
-    lora_down_kernel<XT><<<lora->rank, 256, 0, stream>>>(x, M, K, lora->a, lora->a_dtype,
+    LQ_LAUNCH(lora->rank, 256, 0, stream, lora_down_kernel<XT>)(x, M, K, lora->a, lora->a_dtype,
                                                          lora->rank, lora->t);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     la = LoraArgs{lora->t, lora->b, lora->b_dtype, lora->rank, lora->scale};
   }
   if (K % 32 != 0) {
-    qmatmul_generic_kernel<XT><<<ceil_div(N, 4), 128, 0, stream>>>(
+    LQ_LAUNCH(ceil_div(N, 4), 128, 0, stream, qmatmul_generic_kernel<XT>)(
         x, M, K, N, w.qcodes, w.bits, sa, w.offset, w.levels, log2_b0, la, out);
     return cudaGetLastError();
   }
@@ -328,13 +328,13 @@ cudaError_t qmatmul_small(const XT* x, int M, const PackedView& w, const LoraVie
     // Tile shapes (MT accumulators per row, R rows per block) per M range: R = 4 shares
     // each activation load among 4 rows; at M > 4 the accumulators (MT * R) bound R to 2.
     if (M == 1) {
-      qmatmul_fast_kernel<kBits, XT, 1, 4><<<ceil_div(N, 4), block, 0, stream>>>(
+      LQ_LAUNCH(ceil_div(N, 4), block, 0, stream, qmatmul_fast_kernel<kBits, XT, 1, 4>)(
           x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
     } else if (M <= 4) {
-      qmatmul_fast_kernel<kBits, XT, 4, 4><<<ceil_div(N, 4), block, 0, stream>>>(
+      LQ_LAUNCH(ceil_div(N, 4), block, 0, stream, qmatmul_fast_kernel<kBits, XT, 4, 4>)(
           x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
     } else {
-      qmatmul_fast_kernel<kBits, XT, kSmallM, 2><<<ceil_div(N, 2), block, 0, stream>>>(
+      LQ_LAUNCH(ceil_div(N, 2), block, 0, stream, qmatmul_fast_kernel<kBits, XT, kSmallM, 2>)(
           x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
     }
     return cudaGetLastError();

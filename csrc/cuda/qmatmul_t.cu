@@ -134,7 +134,7 @@ cudaError_t launch_qmatmul_t_small(const void* g, DType g_dtype, int M, const Pa
   const int rows_per_split = static_cast<int>(ceil_div<int64_t>(N, splits));
   const dim3 grid(column_blocks(K), splits);
   return LQ_CUDA_DTYPE_SWITCH(g_dtype, GT, [&] {
-    qmatmul_t_kernel<GT><<<grid, kTThreads, 0, stream>>>(
+    LQ_LAUNCH(grid, kTThreads, 0, stream, qmatmul_t_kernel<GT>)(
         static_cast<const GT*>(g), M, N, K, w.qcodes, w.bits, scales, w.levels,
         ilog2(w.block_size), rows_per_split, partial);
     return cudaGetLastError();
