@@ -9,12 +9,14 @@
 #   scripts/gpu_check.sh [OPTIONS] [STAGE ...]       (no STAGE: build tests bench finetune wheel)
 #
 # Stages (the default set is the whole validation, sized for a few minutes on an H100/H200):
-#   build       pip install --no-build-isolation --no-deps -e . with LQLORA_CUDA=ON, compiled
-#               for the visible GPU only (TORCH_CUDA_ARCH_LIST, default e.g. 9.0a on sm_90):
+#   build       pip install --no-build-isolation --no-deps -e . with LQLORA_CUDA=ON and
+#               LQLORA_EMU=ON (the SIMT emulator module beside the CUDA one), compiled for
+#               the visible GPU only (TORCH_CUDA_ARCH_LIST, default e.g. 9.0a on sm_90):
 #               installs the source tree, editable, into the interpreter's environment; then
 #               checks that the CUDA kernels are registered and torch sees the GPU
-#   tests       pytest tests/test_cuda.py (the whole file: CUDA kernels against the CPU
-#               kernels and the SIMT emulator) and tests/test_build.py
+#   tests       pytest tests/test_cuda.py (the whole file: every CUDA kernel against the CPU
+#               kernels, on the GPU and on the SIMT emulator), tests/test_cuda_hw.py (CUDA
+#               graphs, streams, the emulator against the GPU bit for bit), tests/test_build.py
 #   tests-full  pytest tests: the whole suite (not in the default set)
 #   bench       bench/bench_cuda.py --quick: qmatmul vs cuBLAS bf16 and bitsandbytes NF4 on
 #               LLaMA-2-70B/7B attention and SmolLM2 shapes at M = 1, 16, 1024, rsvd, cost
@@ -105,12 +107,14 @@ do_build() {
     echo "missing build tools: ${missing[*]} (pip install them, or pass their wheels with --wheels DIR)"
     return 1
   fi
-  "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e . || return 1
+  LQLORA_EMU=${LQLORA_EMU:-ON} "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e . \
+    || return 1
   "$PYTHON" - <<'EOF'
 import torch, lqlora_ext
 from lqlora_ext import _build_info as b
 ok = torch._C._dispatch_has_kernel_for_dispatch_key("lqlora::qmatmul", "CUDA")
-print("built for torch", b.TORCH_VERSION, "CUDA", b.CUDA_VERSION, "archs", b.CUDA_ARCHS)
+print("built for torch", b.TORCH_VERSION, "CUDA", b.CUDA_VERSION, "archs", b.CUDA_ARCHS,
+      "| SIMT emulator:", getattr(b, "EMU", False))
 print("CUDA kernels registered:", ok, "| GPU visible:", torch.cuda.is_available())
 raise SystemExit(0 if ok and torch.cuda.is_available() else 1)
 EOF
@@ -269,8 +273,8 @@ run_named_stage() {
       run_stage build "$SELF" --internal build ;;
     tests)
       ensure_built
-      run_stage tests "$PYTHON" -m pytest -q -rs tests/test_cuda.py tests/test_build.py \
-        --junitxml="$RESULTS/tests.xml" ;;
+      run_stage tests "$PYTHON" -m pytest -q -rs tests/test_cuda.py tests/test_cuda_hw.py \
+        tests/test_build.py --junitxml="$RESULTS/tests.xml" ;;
     tests-full)
       ensure_built
       run_stage tests-full "$PYTHON" -m pytest -q -rs tests --junitxml="$RESULTS/tests-full.xml" ;;

@@ -55,7 +55,7 @@ def test_default_plan_is_the_whole_validation(tmp_path):
     p = plan(r.stdout)
     assert list(p) == DEFAULT
     assert f"results in {tmp_path}/res," in r.stdout  # relative to where it was called from
-    assert "tests/test_cuda.py tests/test_build.py" in p["tests"]  # the CUDA file, whole
+    assert "tests/test_cuda.py tests/test_cuda_hw.py tests/test_build.py" in p["tests"]
     assert "-k" not in p["tests"].split() and "::" not in p["tests"]
     assert "bench/bench_cuda.py --quick" in p["bench"]
     assert "limit   360 s" in p["bench"]
