@@ -16,7 +16,8 @@
 #               checks that the CUDA kernels are registered and torch sees the GPU
 #   tests       pytest tests/test_cuda.py (the whole file: every CUDA kernel against the CPU
 #               kernels, on the GPU and on the SIMT emulator), tests/test_cuda_hw.py (CUDA
-#               graphs, streams, the emulator against the GPU bit for bit), tests/test_build.py
+#               graphs, streams, the emulator against the GPU bit for bit), tests/test_build.py;
+#               over all cores (-n auto) when pytest-xdist is installed
 #   tests-full  pytest tests: the whole suite (not in the default set)
 #   bench       bench/bench_cuda.py --quick: qmatmul vs cuBLAS bf16 and bitsandbytes NF4 on
 #               LLaMA-2-70B/7B attention and SmolLM2 shapes at M = 1, 16, 1024, rsvd, cost
@@ -40,8 +41,9 @@
 #   --wheels DIR       install the wheels in DIR (except lqlora_ext-*.whl) offline, with
 #                      --no-index --no-deps, into a private folder put first on PYTHONPATH,
 #                      before any stage: for machines without network access that lack
-#                      highspy, bitsandbytes or the build tools (scikit-build-core, cmake,
-#                      ninja). An lqlora_ext wheel in DIR is the one the wheel stage tests.
+#                      highspy, bitsandbytes, the build tools (scikit-build-core, cmake,
+#                      ninja) or pytest-xdist + execnet. An lqlora_ext wheel in DIR is the
+#                      one the wheel stage tests.
 #   --work DIR         scratch space: those installed wheels, the finetune models and the cost
 #                      profile cache, kept between runs (default: $TMPDIR/lqlora-gpu-check)
 #   --python PY        interpreter to use (default: $PYTHON, else python3)
@@ -50,7 +52,7 @@
 #   --dry-run          print the stages, their limits and commands; run nothing
 #   -h, --help         this text
 #
-# Default limits (s): build 600, tests 480, tests-full 1200, bench 360, bench-full 900,
+# Default limits (s): build 600, tests 900, tests-full 1200, bench 360, bench-full 900,
 # finetune 600, wheel 600.
 # Environment: TORCH_CUDA_ARCH_LIST (archs to compile), SKBUILD_CMAKE_ARGS (extra CMake
 # settings for the build), FT_MODEL and FT_STEPS (the finetune stage's --model, --steps).
@@ -180,7 +182,7 @@ WORK=${TMPDIR:-/tmp}/lqlora-gpu-check
 PYTHON=${PYTHON:-python3}
 VERBOSE=0
 DRY=0
-declare -A LIMIT=([build]=600 [tests]=480 [tests-full]=1200 [bench]=360 [bench-full]=900
+declare -A LIMIT=([build]=600 [tests]=900 [tests-full]=1200 [bench]=360 [bench-full]=900
                   [finetune]=600 [wheel]=600)
 stages=()
 is_stage() { case " ${ALL_STAGES[*]} " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -273,8 +275,12 @@ run_named_stage() {
       run_stage build "$SELF" --internal build ;;
     tests)
       ensure_built
-      run_stage tests "$PYTHON" -m pytest -q -rs tests/test_cuda.py tests/test_cuda_hw.py \
-        tests/test_build.py --junitxml="$RESULTS/tests.xml" ;;
+      # The emulator half of test_cuda.py is CPU-bound: spread it over the cores when
+      # pytest-xdist is there (about 7 min in one process on 2 busy x86-64 cores).
+      local par=()
+      have xdist && par=(-n auto)
+      run_stage tests "$PYTHON" -m pytest -q -rs "${par[@]}" tests/test_cuda.py \
+        tests/test_cuda_hw.py tests/test_build.py --junitxml="$RESULTS/tests.xml" ;;
     tests-full)
       ensure_built
       run_stage tests-full "$PYTHON" -m pytest -q -rs tests --junitxml="$RESULTS/tests-full.xml" ;;
