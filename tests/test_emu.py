@@ -129,6 +129,40 @@ def test_partial_warp(selftest):
     assert result(selftest, "partial_warp") == want
 
 
+def test_mma_m16n8k16_fragment_layout(selftest):
+    rc, out, err = run_case(selftest, "mma_bf16")
+    assert rc == 0 and out.startswith("result"), out + err
+    got = torch.tensor([float(v) for v in out.split()[1:]], dtype=torch.float64).view(16, 8)
+    m, k, n = torch.arange(16), torch.arange(16), torch.arange(8)
+    A = (((m[:, None] * 16 + k[None, :]) % 13) - 6) / 8.0
+    B = (((k[:, None] * 8 + n[None, :]) % 11) - 5) / 4.0
+    C = (m[:, None] - n[None, :]).double()
+    assert torch.equal(got, A.double() @ B.double() + C)  # every value is exact
+
+
+def test_ldmatrix_fragment_layout(selftest):
+    out = result(selftest, "ldmatrix")
+    tile = [[r * 8 + c for c in range(8)] for r in range(32)]  # matrix j = rows 8j..8j+7
+    for lane in range(32):
+        for j in range(4):
+            r, c = lane // 4, 2 * (lane % 4)
+            plain = tile[8 * j + r][c] | tile[8 * j + r][c + 1] << 16
+            trans = tile[8 * j + c][r] | tile[8 * j + c + 1][r] << 16
+            assert out[lane * 4 + j] == plain, (lane, j)
+            assert out[128 + lane * 4 + j] == trans, (lane, j, "trans")
+
+
+def test_cp_async_groups(selftest):
+    out = result(selftest, "cp_async_ok")
+    assert out[:32] == [1000 + (t * 5) % 128 for t in range(32)]
+    assert out[32:] == [1128 + (t * 7) % 128 for t in range(32)]
+
+
+def test_cp_async_read_before_wait_sees_stale_memory(selftest):
+    out = result(selftest, "cp_async_no_wait")
+    assert out.count(0xFFFFFFFF) >= 16  # most reads see the poison, not the copied data
+
+
 def test_uninitialised_shared_memory_is_poisoned(selftest):
     out = result(selftest, "uninitialised_shared")
     assert out[1] == 7 and all(v == 0xFFFFFFFF for i, v in enumerate(out) if i != 1)
@@ -160,6 +194,8 @@ def test_missing_barrier_depends_on_the_schedule(selftest):
     ("mask_names_exited", r"names lane 16 of warp 0, which exited"),
     ("misaligned_vector_load", r"misaligned 16-byte access through __ldcs at selftest\.cu"),
     ("bad_config", r"cudaErrorInvalidConfiguration.*block of 2048 threads"),
+    ("mma_half_warp", r"mma\.sync\.m16n8k16\.row\.col\.f32\.f16\.f16\.f32 at selftest\.cu:\d+ "
+                      r"with mask 0xffffffff names lane 16 of warp 0, which exited"),
 ])
 def test_broken_kernel_is_reported(selftest, case, pattern):
     import re

@@ -29,7 +29,12 @@
 #include <type_traits>
 #include <utility>
 
+#ifndef LQLORA_EMU
+#define LQLORA_EMU 1  // kernel code's seams (LQ_LAUNCH, ptx.cuh) select the emulator
+#endif
+
 // Function-space qualifiers: host_defines.h keeps definitions it finds already present.
+// (A C++11 `alignas` cannot follow `__shared__` here; kernels write `__shared__ __align__(16)`.)
 #define __global__
 #define __device__
 #define __host__
@@ -310,3 +315,6 @@ Launch<P...> make_launch(const char* name, void (*fn)(P...), dim3 grid, dim3 blo
 
 #define LQ_LAUNCH(grid, block, smem, stream, ...) \
   ::lqlora::emu::make_launch(#__VA_ARGS__, __VA_ARGS__, grid, block, smem, stream)
+
+// The inline-PTX wrappers of csrc/cuda/ptx.cuh (mma.sync, ldmatrix, cp.async).
+#include "ptx_emu.h"

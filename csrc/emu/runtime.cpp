@@ -183,6 +183,15 @@ struct Thread {
   int arg = 0, width = 32;
   uint64_t value = 0, result = 0;
   bool started = false;
+  // warp_compute
+  WarpComputeFn fn = nullptr;
+  const char* fn_name = nullptr;
+  const void* in = nullptr;
+  void* out = nullptr;
+  // cp.async: closed groups (oldest first) and the open one
+  struct Copy { void* dst; const void* src; size_t bytes; };
+  std::vector<std::vector<Copy>> async_groups;
+  std::vector<Copy> async_open;
 #if defined(LQ_EMU_ASAN)
   void* fake_stack = nullptr;
 #endif
@@ -289,6 +298,7 @@ const char* op_name(WarpOp op) {
     case WarpOp::kReduceOr: return "__reduce_or_sync";
     case WarpOp::kReduceXor: return "__reduce_xor_sync";
     case WarpOp::kMatchAny: return "__match_any_sync";
+    case WarpOp::kCompute: return "warp instruction";
   }
   return "warp collective";
 }
@@ -349,7 +359,21 @@ void resumed(Worker& w) {
   if (w.aborting) throw FiberAbort{};
 }
 
+void flush_async(Thread& t, size_t keep) {
+  // Oldest first, as the hardware completes groups in commit order.
+  while (t.async_groups.size() > keep) {
+    for (const Thread::Copy& c : t.async_groups.front()) std::memcpy(c.dst, c.src, c.bytes);
+    t.async_groups.erase(t.async_groups.begin());
+  }
+}
+
 void exit_checks(Worker& w, Thread& t) {
+  // Outstanding cp.async copies still land (a thread may exit without waiting).
+  if (!t.async_open.empty()) {
+    t.async_groups.push_back(std::move(t.async_open));
+    t.async_open.clear();
+  }
+  flush_async(t, 0);
   Warp& wp = w.warps[t.linear >> 5];
   const unsigned bit = 1u << (t.linear & 31);
   if (w.bar_arrived > 0) {
@@ -364,7 +388,8 @@ void exit_checks(Worker& w, Thread& t) {
     const int l = __builtin_ctz(left);
     const Thread& o = w.threads[(t.linear & ~31) + l];
     if (o.mask & bit)
-      fault_here(w, std::string(op_name(o.op)) + " at " + site_str(o.site) + " with mask " +
+      fault_here(w, std::string(o.op == WarpOp::kCompute ? o.fn_name : op_name(o.op)) + " at " +
+                        site_str(o.site) + " with mask " +
                         hex(o.mask) + " names lane " + std::to_string(t.linear & 31) +
                         " of warp " + std::to_string(t.linear >> 5) + ", which exited");
   }
@@ -479,6 +504,21 @@ bool is_pow2(int v) { return v > 0 && (v & (v - 1)) == 0; }
 // Computes the results of a complete collective (every lane of `mask` waiting at it).
 void complete_warp_op(Worker& w, Thread& me, int warp, unsigned mask) {
   Thread* lanes = &w.threads[warp * 32];
+  if (me.op == WarpOp::kCompute) {
+    const void* ins[32];
+    void* outs[32];
+    for (int l = 0; l < 32; ++l) {
+      const bool in_mask = (mask >> l) & 1;
+      ins[l] = in_mask ? lanes[l].in : nullptr;
+      outs[l] = in_mask ? lanes[l].out : nullptr;
+    }
+    me.fn(ins, outs);
+    for (int l = 0; l < 32; ++l)
+      if ((mask >> l) & 1) lanes[l].state = State::kReady;
+    w.warps[warp].waiting &= ~mask;
+    me.state = State::kRunning;
+    return;
+  }
   const Thread& ref = me;
   uint64_t agg = 0;
   bool signed_op = ref.arg != 0;
@@ -569,7 +609,8 @@ bool agrees(const Worker& w, const Thread& me, int warp, unsigned mask) {
   for (int l = 0; l < 32; ++l) {
     if (!((mask >> l) & 1)) continue;
     const Thread& t = lanes[l];
-    if (t.op != me.op || t.mask != me.mask || t.width != me.width || !same_site(t.site, me.site))
+    if (t.op != me.op || t.mask != me.mask || t.width != me.width || t.fn != me.fn ||
+        !same_site(t.site, me.site))
       return false;
     if (me.op >= WarpOp::kReduceAdd && me.op <= WarpOp::kReduceXor && t.arg != me.arg)
       return false;  // signed vs unsigned reduction
@@ -587,7 +628,7 @@ std::string describe_waits(const Worker& w) {
     if (t.state == State::kBarrier) {
       what = std::string(bar_name(t.bar)) + " at " + site_str(t.site);
     } else if (t.state == State::kWarp) {
-      what = std::string(op_name(t.op)) + " at " + site_str(t.site) + " (warp " +
+      what = std::string(t.op == WarpOp::kCompute ? t.fn_name : op_name(t.op)) + " at " + site_str(t.site) + " (warp " +
              std::to_string(t.linear >> 5) + ", mask " + hex(t.mask) + ")";
     } else {
       continue;
@@ -674,6 +715,8 @@ void run_block(Worker& w, uint3 bid, int64_t block_linear) {
     t.state = State::kReady;
     t.started = false;
     t.mask = 0;
+    t.async_groups.clear();
+    t.async_open.clear();
     init_stack(t, w.stacks[i]);
   }
   const int order = config().order.load();
@@ -793,6 +836,7 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
   }
   me.site = loc;
   me.op = op;
+  me.fn = nullptr;
   me.mask = mask;
   me.value = value;
   me.arg = arg;
@@ -806,6 +850,66 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
   to_scheduler(w, me, false);
   resumed(w);
   return me.result;
+}
+
+void warp_compute(unsigned mask, WarpComputeFn fn, const char* name, const void* in, void* out,
+                  std::source_location loc) {
+  Worker& w = *tl_worker;
+  Thread& me = *w.cur;
+  const int warp = me.linear >> 5, lane = me.linear & 31;
+  Warp& wp = w.warps[warp];
+  if (((mask >> lane) & 1) == 0 || (mask & ~wp.present) || (mask & wp.exited)) {
+    const std::string what = std::string(name) + " at " + site_str(loc) + " (lane " +
+                             std::to_string(lane) + " of warp " + std::to_string(warp) +
+                             ", mask " + hex(mask) + ")";
+    if (!((mask >> lane) & 1)) fault_here(w, what + ": the mask does not include the calling lane");
+    if (mask & ~wp.present)
+      fault_here(w, what + ": the mask names lanes " + lanes_str(mask & ~wp.present) +
+                        ", which do not exist (the block has " + std::to_string(w.nthreads) +
+                        " threads)");
+    fault_here(w, what + ": the mask names lanes " + lanes_str(mask & wp.exited) +
+                      ", which exited");
+  }
+  me.site = loc;
+  me.op = WarpOp::kCompute;
+  me.fn = fn;
+  me.fn_name = name;
+  me.in = in;
+  me.out = out;
+  me.mask = mask;
+  me.arg = 0;
+  me.width = 32;
+  me.state = State::kWarp;
+  wp.waiting |= 1u << lane;
+  if ((wp.waiting & mask) == mask && agrees(w, me, warp, mask)) {
+    complete_warp_op(w, me, warp, mask);
+    return;
+  }
+  to_scheduler(w, me, false);
+  resumed(w);
+}
+
+void async_copy(void* dst, const void* src, size_t bytes, std::source_location loc) {
+  Worker& w = *tl_worker;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src);
+  if ((bytes != 4 && bytes != 8 && bytes != 16) || a % bytes != 0) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "cp.async of %zu bytes at %s: sizes are 4, 8 or 16 and both "
+                  "addresses must be aligned to the size (dst %p, src %p, thread %d)", bytes,
+                  site_str(loc).c_str(), dst, src, w.cur->linear);
+    fault_here(w, buf);
+  }
+  w.cur->async_open.push_back(Thread::Copy{dst, src, bytes});
+}
+
+void async_commit() {
+  Thread& t = *tl_worker->cur;
+  t.async_groups.push_back(std::move(t.async_open));
+  t.async_open.clear();
+}
+
+void async_wait(int pending) {
+  flush_async(*tl_worker->cur, pending < 0 ? 0 : static_cast<size_t>(pending));
 }
 
 unsigned active_lanes() {

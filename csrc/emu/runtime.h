@@ -36,6 +36,7 @@ enum class WarpOp : int {
   kBallot, kAny, kAll,
   kReduceAdd, kReduceMin, kReduceMax, kReduceAnd, kReduceOr, kReduceXor,
   kMatchAny,
+  kCompute,  // warp_compute: mma.sync, ldmatrix
 };
 
 // Blocks the calling thread until the block reaches the barrier; returns the _count / _and /
@@ -47,6 +48,22 @@ int block_barrier(Barrier kind, int pred, std::source_location loc);
 // signed reduction), or the match mask.
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width,
                          std::source_location loc);
+
+// A warp-wide computation (the tensor-core and matrix-load instructions): every lane of
+// `mask` passes its input and output buffers; once all have arrived, fn(ins, outs) runs once
+// with the 32 lanes' pointers (nullptr for lanes outside the mask) and every lane resumes.
+// `name` (e.g. "mma.sync.m16n8k16") identifies the instruction in reports.
+using WarpComputeFn = void (*)(const void* const* ins, void* const* outs);
+void warp_compute(unsigned mask, WarpComputeFn fn, const char* name, const void* in, void* out,
+                  std::source_location loc);
+
+// cp.async: the copy of `bytes` from global `src` to shared `dst` is queued in the calling
+// thread's open group and performed when a later async_wait leaves at most `pending` newer
+// groups outstanding (so shared memory read before the wait still holds the old bytes, as on
+// the GPU it may); async_commit closes the open group. Alignment is checked at issue.
+void async_copy(void* dst, const void* src, size_t bytes, std::source_location loc);
+void async_commit();
+void async_wait(int pending);
 
 // Lanes of the caller's warp that exist and have not exited.
 unsigned active_lanes();

@@ -12,7 +12,10 @@
 #include <string>
 #include <vector>
 
+#include "../../csrc/cuda/ptx.cuh"
+
 namespace {
+namespace ptx = lqlora::cuda::ptx;
 
 // ---------------------------------------------------------------- correct kernels
 // Block-wide sum: shared-memory tree with barriers, then a warp shuffle tail.
@@ -61,7 +64,84 @@ __global__ void partial_warp(int* out) {
   out[t] = __shfl_down_sync(mask, t, 1, t < 32 ? 32 : 8);
 }
 
+// One m16n8k16 bf16 MMA: A[m][k] = ((m * 16 + k) % 13 - 6) / 8, B[k][n] = ((k * 8 + n) % 11 -
+// 5) / 4, C[m][n] = m - n (all exact in bf16, so D is exact): out = D[16][8], row-major.
+__device__ unsigned short bf16_bits(float v) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(v);
+  unsigned short u;
+  memcpy(&u, &h, 2);
+  return u;
+}
+__global__ void mma_bf16(float* out) {
+  const int l = threadIdx.x, g = l / 4, t = l % 4;
+  auto A = [](int m, int k) { return ((m * 16 + k) % 13 - 6) / 8.f; };
+  auto B = [](int k, int n) { return ((k * 8 + n) % 11 - 5) / 4.f; };
+  auto pack = [](float lo, float hi) {
+    return static_cast<uint32_t>(bf16_bits(lo)) | (static_cast<uint32_t>(bf16_bits(hi)) << 16);
+  };
+  const uint32_t a[4] = {pack(A(g, 2 * t), A(g, 2 * t + 1)), pack(A(g + 8, 2 * t), A(g + 8, 2 * t + 1)),
+                         pack(A(g, 2 * t + 8), A(g, 2 * t + 9)),
+                         pack(A(g + 8, 2 * t + 8), A(g + 8, 2 * t + 9))};
+  const uint32_t b[2] = {pack(B(2 * t, g), B(2 * t + 1, g)), pack(B(2 * t + 8, g), B(2 * t + 9, g))};
+  float d[4] = {static_cast<float>(g - 2 * t), static_cast<float>(g - 2 * t - 1),
+                static_cast<float>(g + 8 - 2 * t), static_cast<float>(g + 8 - 2 * t - 1)};
+  ptx::mma_16816<__nv_bfloat16>(d, a, b);
+  out[g * 8 + 2 * t] = d[0];
+  out[g * 8 + 2 * t + 1] = d[1];
+  out[(g + 8) * 8 + 2 * t] = d[2];
+  out[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+// ldmatrix.x4 (and .trans) from a 32x8 shared tile holding 0..255: out[lane*4 + j] = r[j] of
+// lane, then the transposed load after it.
+__global__ void ldmatrix(unsigned* out) {
+  __shared__ __align__(16) unsigned short tile[32][8];
+  const int l = threadIdx.x;
+  for (int i = 0; i < 8; ++i) tile[l][i] = static_cast<unsigned short>(l * 8 + i);
+  __syncwarp();
+  uint32_t r[4];
+  ptx::ldmatrix_x4(r, &tile[l][0]);
+  for (int j = 0; j < 4; ++j) out[l * 4 + j] = r[j];
+  ptx::ldmatrix_x4<true>(r, &tile[l][0]);
+  for (int j = 0; j < 4; ++j) out[128 + l * 4 + j] = r[j];
+}
+
+// cp.async through shared memory: two groups, each waited for before use.
+__global__ void cp_async_ok(const unsigned* src, unsigned* out) {
+  __shared__ __align__(16) unsigned s[2][128];
+  const int t = threadIdx.x;
+  ptx::cp_async<16>(&s[0][4 * t], src + 4 * t);
+  ptx::cp_async_commit();
+  ptx::cp_async<8>(&s[1][2 * t], src + 128 + 2 * t);
+  ptx::cp_async<8>(&s[1][64 + 2 * t], src + 192 + 2 * t);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<1>();  // the first group has landed
+  __syncthreads();
+  out[t] = s[0][(t * 5) % 128];
+  ptx::cp_async_wait<0>();
+  __syncthreads();
+  out[32 + t] = s[1][(t * 7) % 128];
+}
+
 // ------------------------------------------------------------------ broken kernels
+// Reads the cp.async destination before waiting for it.
+__global__ void cp_async_no_wait(const unsigned* src, unsigned* out) {
+  __shared__ __align__(16) unsigned s[128];
+  const int t = threadIdx.x;
+  ptx::cp_async<16>(&s[4 * t], src + 4 * t);
+  ptx::cp_async_commit();
+  __syncthreads();
+  out[t] = s[(t * 5) % 128];  // a cp_async_wait<0>() belongs before the barrier
+}
+
+// An MMA issued by half the warp.
+__global__ void mma_half_warp(float* out) {
+  uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  float d[4] = {0, 0, 0, 0};
+  if (threadIdx.x < 16) ptx::mma_16816<__half>(d, a, b);
+  out[threadIdx.x] = d[0];
+}
+
 // Missing barrier between the shared write and the read of a neighbour's value: the output
 // depends on the schedule order.
 __global__ void missing_barrier(int* out) {
@@ -183,6 +263,32 @@ int run(const std::string& c) {
   } else if (c == "deadlock") {
     std::vector<int> out(32, -1);
     LQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, deadlock)(out.data());
+    if (cudaError_t e = cudaGetLastError()) return report(e), 0;
+    print_result(out);
+  } else if (c == "mma_bf16") {
+    std::vector<float> out(128, -1.f);
+    LQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_bf16)(out.data());
+    if (cudaError_t e = cudaGetLastError()) return report(e), 0;
+    std::printf("result");
+    for (float v : out) std::printf(" %.9g", v);
+    std::printf("\n");
+  } else if (c == "ldmatrix") {
+    std::vector<unsigned> out(256, 0);
+    LQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, ldmatrix)(out.data());
+    if (cudaError_t e = cudaGetLastError()) return report(e), 0;
+    print_result(out);
+  } else if (c == "cp_async_ok" || c == "cp_async_no_wait") {
+    std::vector<unsigned> src(256), out(64, 0);
+    for (int i = 0; i < 256; ++i) src[i] = 1000 + i;
+    if (c == "cp_async_ok")
+      LQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, cp_async_ok)(src.data(), out.data());
+    else
+      LQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, cp_async_no_wait)(src.data(), out.data());
+    if (cudaError_t e = cudaGetLastError()) return report(e), 0;
+    print_result(out);
+  } else if (c == "mma_half_warp") {
+    std::vector<float> out(32, -1.f);
+    LQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_half_warp)(out.data());
     if (cudaError_t e = cudaGetLastError()) return report(e), 0;
     print_result(out);
   } else if (c == "missing_barrier") {
