@@ -44,8 +44,9 @@
 #                      highspy, bitsandbytes, the build tools (scikit-build-core, cmake,
 #                      ninja) or pytest-xdist + execnet. An lqlora_ext wheel in DIR is the
 #                      one the wheel stage tests.
-#   --work DIR         scratch space: those installed wheels, the finetune models and the cost
-#                      profile cache, kept between runs (default: $TMPDIR/lqlora-gpu-check)
+#   --work DIR         scratch space (default: $TMPDIR/lqlora-gpu-check): the extra wheels
+#                      and the finetune models, made afresh each run, and the cost-profile
+#                      cache, kept between runs
 #   --python PY        interpreter to use (default: $PYTHON, else python3)
 #   --limit STAGE=S    time limit of one stage in seconds (repeatable)
 #   --verbose          show each stage's output as it runs (it is logged either way)
@@ -132,6 +133,8 @@ do_finetune() {
   if have bitsandbytes; then variants+=",qlora-bnb-nf4"
   else echo "note: bitsandbytes is missing: no QLoRA row (pass its wheel with --wheels DIR)"; fi
   variants+=",lq-uniform-nf4,lq-ilp-3.25,lq-ilp-2.75"
+  # --prepare reuses saved models: quantize with this tree, not with an earlier run's
+  rm -rf "$WORK/finetune"
   "$PYTHON" bench/finetune_memory.py --model "${FT_MODEL:-config:llama2-7b:2}" --device cuda \
     --rank 64 --variants "$variants" --prepare --steps "${FT_STEPS:-10}" \
     --work "$WORK/finetune" --cache-dir "$WORK/profiles" --out "$RESULTS/finetune_memory_cuda" \
