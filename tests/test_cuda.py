@@ -288,6 +288,46 @@ def test_qmatmul_identity_is_exact(m, be):
     _assert_equal(got, w[:, :m].t().contiguous().cpu(), "qmatmul(identity)")
 
 
+TC_CONFIGS = [QuantConfig(b, b0, sb, 64, torch.bfloat16)
+              for b, b0, sb in ((2, 32, 8), (3, 16, 4), (4, 64, 8), (5, 128, 2), (6, 16, 3),
+                                (7, 256, 8), (8, 32, 4))]
+
+
+@pytest.mark.parametrize("xdt", ["bf16", "fp16"])
+@pytest.mark.parametrize("m", [5, 16, 17, 40, 128])
+@pytest.mark.parametrize("c", TC_CONFIGS, ids=grid.ids(TC_CONFIGS))
+def test_qmatmul_tensor_cores_pick_exact_columns(c, m, xdt, be):
+    # One-hot rows of x at random columns: every output is one product, exact on any
+    # hardware, so the result must equal the weight decoded in x's dtype bit for bit. This
+    # pins the MMA fragment indexing and the k permutation of the tensor-core kernel (16-bit
+    # x, 4 < M <= 128, K % 32 == 0), over every bit width and M tile count.
+    rows, cols = 72, 4128  # 129 groups per row: four warps, a partial last chunk
+    packed, _ = _packed(be, rows, cols, c, seed=m)
+    dt = FP[xdt]
+    wd = CPU.dequantize(*_quant_cpu(grid.make_weight(rows, cols, seed=m), c),
+                        lqlora_ext.nf_code(c.bits), rows, cols, *_args(c), dt)
+    pick = torch.randperm(cols, generator=torch.Generator().manual_seed(m))[:m]
+    x = torch.zeros(m, cols, dtype=dt)
+    x[torch.arange(m), pick] = 1
+    got = be.ops.qmatmul(x.to(be.dev), *packed, rows, *_args(c), None, None, 1.0)
+    _assert_equal(got, wd[:, pick].t().contiguous(), f"qmatmul(one-hot) {c.name} M={m}")
+
+
+@pytest.mark.parametrize("m", [6, 32, 77, 128])
+@pytest.mark.parametrize("shape", [shapes.BY_NAME["smollm2-up"], shapes.BY_NAME["smollm2-down"]],
+                         ids=["1536x576", "576x1536"])
+def test_qmatmul_tensor_cores_random_inputs(shape, m, be):
+    for c, dt in ((grid.DEFAULT, torch.bfloat16), (QuantConfig(3, 16, 4, 64), torch.float16)):
+        packed, w = _packed(be, *shape, c)
+        x = torch.randn(m, shape.cols, device=be.dev).to(dt)
+        a = (torch.randn(16, shape.cols, device=be.dev) / shape.cols ** 0.5).to(dt)
+        b = torch.randn(shape.rows, 16, device=be.dev).to(dt)
+        _check(be.ops.qmatmul(x, *packed, shape.rows, *_args(c), None, None, 1.0), x, w,
+               what=f"qmatmul {c.name} M={m} {dt}")
+        _check(be.ops.qmatmul(x, *packed, shape.rows, *_args(c), a, b, 0.25), x, w, a, b, 0.25,
+               what=f"qmatmul+lora {c.name} M={m} {dt}")
+
+
 @pytest.mark.parametrize("m", [1, 7, 33])
 @pytest.mark.parametrize("xdt", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [shapes.BY_NAME["smollm2-q"], shapes.BY_NAME["odd"]],
@@ -301,6 +341,22 @@ def test_qmatmul_lora(shape, m, xdt, be):
     b = torch.randn(shape.rows, r, device=be.dev).to(torch.float32)  # mixed dtypes are allowed
     got = be.ops.qmatmul(x, *packed, shape.rows, *_args(c), a, b, 0.5)
     _check(got, x, w, a, b, 0.5, what="qmatmul+lora")
+
+
+@pytest.mark.parametrize("rank", [1, 5, 64, 100])
+@pytest.mark.parametrize("m", [1, 3, 9, 40])
+@pytest.mark.parametrize("xdt", ["fp32", "bf16", "fp16"])
+def test_qmatmul_fused_lora_ranks(xdt, m, rank, be):
+    # The LoRA term runs in the base product's launch (producer blocks + a counter): ranks
+    # that do not fill a producer block (1, 5, 100 % 4 = 0 but 100 % 16 != 0), M tiles,
+    # both the CUDA-core (fp32 x, M <= 4) and the tensor-core epilogue.
+    c = QuantConfig(4, 32, 8, 64, torch.bfloat16)
+    packed, w = _packed(be, 136, 1024, c, seed=rank)
+    x = torch.randn(m, 1024, device=be.dev).to(FP[xdt])
+    a = (torch.randn(rank, 1024, device=be.dev) / 32).to(FP[xdt])
+    b = torch.randn(136, rank, device=be.dev).to(FP[xdt])
+    _check(be.ops.qmatmul(x, *packed, 136, *_args(c), a, b, 0.75), x, w, a, b, 0.75,
+           what=f"qmatmul+lora r={rank} M={m} {xdt}")
 
 
 def test_qmatmul_noncontiguous_and_misaligned_inputs(be):

@@ -84,7 +84,10 @@ def _same_bits(gpu, em, what):
 @pytest.mark.parametrize("shape", EMU_VS_GPU_SHAPES, ids=[s.id for s in EMU_VS_GPU_SHAPES])
 def test_emulator_matches_gpu_bit_for_bit(shape, c, be):
     # Every kernel here is deterministic (no atomics, fixed reduction orders, explicit
-    # rounding intrinsics), so the emulator must reproduce the GPU's bits exactly.
+    # rounding intrinsics), so the emulator must reproduce the GPU's bits exactly, except the
+    # tensor-core path (16-bit x, M > 4): an MMA sums its 16 products with the hardware's own
+    # internal precision, which the emulator does not model (csrc/emu/ptx_emu.h); there the
+    # two agree to an ulp of the output.
     E = emu.load()
     # Grid-size heuristics read the SM count: the emulated device must report the GPU's.
     emu.set_sm_count(torch.cuda.get_device_properties(0).multi_processor_count)
@@ -101,15 +104,20 @@ def test_emulator_matches_gpu_bit_for_bit(shape, c, be):
                    E.dequantize(*emu_args, *shape, *_args(c), dt), f"dequantize {dt}")
     a = torch.randn(8, shape.cols) / shape.cols ** 0.5
     b = torch.randn(shape.rows, 8)
-    for m in (1, 3, 16):
+    for m in (1, 3, 16, 64):
         for dt in (torch.float32, torch.bfloat16, torch.float16):
             x = torch.randn(m, shape.cols).to(dt)
             for lora in (None, (a.to(dt), b.to(dt))):
                 la = (None, None) if lora is None else lora
                 gl = (None, None) if lora is None else (la[0].cuda(), la[1].cuda())
-                _same_bits(be.ops.qmatmul(x.cuda(), *gpu_args, shape.rows, *_args(c), *gl, 0.5),
-                           E.qmatmul(x, *emu_args, shape.rows, *_args(c), *la, 0.5),
-                           f"qmatmul M={m} {dt} lora={lora is not None}")
+                got = be.ops.qmatmul(x.cuda(), *gpu_args, shape.rows, *_args(c), *gl, 0.5)
+                em = E.qmatmul(x, *emu_args, shape.rows, *_args(c), *la, 0.5)
+                what = f"qmatmul M={m} {dt} lora={lora is not None}"
+                if dt != torch.float32 and m > 4 and shape.cols % 32 == 0:
+                    torch.testing.assert_close(got.cpu(), em, rtol=2 * torch.finfo(dt).eps,
+                                               atol=1e-6, msg=what)
+                else:
+                    _same_bits(got, em, what)
             g = torch.randn(m, shape.rows).to(dt)
             _same_bits(be.ops.qmatmul_t(g.cuda(), *gpu_args, shape.cols, *_args(c)),
                        E.qmatmul_t(g, *emu_args, shape.cols, *_args(c)), f"qmatmul_t M={m} {dt}")

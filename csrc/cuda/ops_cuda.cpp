@@ -214,18 +214,19 @@ at::Tensor qmatmul_cuda(const at::Tensor& x, const at::Tensor& qcodes, const at:
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
 
-  if (M <= kSmallM) {
+  if (M <= qmatmul_fused_max_m(to_dtype(x.scalar_type(), "qmatmul", "x"), K)) {
     const at::Tensor xc = aligned16(x.contiguous());
-    at::Tensor t;
+    at::Tensor t, ready;
     LoraView lv{};
     if (a.defined() && a.size(0) > 0) {
       a = a.contiguous();
       b = b.contiguous();
       t = at::empty({M, a.size(0)}, x.options().dtype(at::kFloat));
+      ready = at::empty({1}, x.options().dtype(at::kInt));
       lv = LoraView{a.data_ptr(), to_dtype(a.scalar_type(), "qmatmul", "lora_a"),
                     b.data_ptr(), to_dtype(b.scalar_type(), "qmatmul", "lora_b"),
                     static_cast<int>(a.size(0)), static_cast<float>(lora_scale),
-                    t.data_ptr<float>()};
+                    t.data_ptr<float>(), ready.data_ptr<int>()};
     }
     check_launch(launch_qmatmul_small(xc.data_ptr(), to_dtype(x.scalar_type(), "qmatmul", "x"),
                                       static_cast<int>(M), P.view, t.defined() ? &lv : nullptr,
@@ -273,11 +274,12 @@ at::Tensor qmatmul_t_cuda(const at::Tensor& g, const at::Tensor& qcodes,
                  "qmatmul_t");
     const int splits = qmatmul_t_splits(N, K, static_cast<int>(M));
     at::Tensor partial = at::empty({splits, M, K}, g.options().dtype(at::kFloat));
+    at::Tensor out = at::empty({M, K}, g.options());
     check_launch(launch_qmatmul_t_small(gc.data_ptr(), to_dtype(g.scalar_type(), "qmatmul_t", "g"),
                                         static_cast<int>(M), P.view, scales.data_ptr<float>(),
-                                        splits, partial.data_ptr<float>(), stream),
+                                        splits, partial.data_ptr<float>(), out.data_ptr(), stream),
                  "qmatmul_t");
-    return (splits == 1 ? partial.view({M, K}) : partial.sum(0)).to(g.scalar_type());
+    return out;
   }
 
   const at::ScalarType dt = g.scalar_type();

@@ -1,4 +1,5 @@
-// Named wrappers for the inline PTX the kernels use: tensor-core MMA, ldmatrix, cp.async.
+// Named wrappers for the inline PTX the kernels use: tensor-core MMA, ldmatrix, cp.async,
+// and the acquire/release pair of a grid-level flag.
 // Each is one instruction on the GPU. Under the SIMT emulator (LQLORA_EMU) the same names are
 // defined by csrc/emu/ptx_emu.h from the PTX ISA's fragment layouts, as warp collectives; this
 // #if is, with LQ_LAUNCH's, the only place kernel code tells the two builds apart.
@@ -73,6 +74,19 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// A GPU-scope acquire load of a flag another block releases (ld.acquire.gpu).
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// A GPU-scope release increment (red.release.gpu): everything this thread wrote before is
+// visible to a block that acquires the new value.
+__device__ __forceinline__ void red_add_release_gpu(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
 
 }  // namespace lqlora::cuda::ptx

@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) warp_max[warp] = v;
   __syncthreads();
   const int warps_per_block = b0 >> 5;
-  if (threadIdx.x < kThreads / b0) {
+  if (static_cast<int>(threadIdx.x) < kThreads / b0) {
     float m = 0.f;
     for (int k = 0; k < warps_per_block; ++k)
       m = fmaxf(m, warp_max[threadIdx.x * warps_per_block + k]);

@@ -240,6 +240,31 @@ inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
   const float2 fa = __half22float2(a), fb = __half22float2(b), fc = __half22float2(c);
   return __floats2half2_rn(std::fma(fa.x, fb.x, fc.x), std::fma(fa.y, fb.y, fc.y));
 }
+// ---- atomics and fences (host atomics: blocks may run on several worker threads) ----
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+#define LQ_EMU_ATOMIC(T)                                                                \
+  inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }   \
+  inline T atomicMax(T* p, T v) {                                                        \
+    T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);                                        \
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST,  \
+                                                   __ATOMIC_SEQ_CST)) {                  \
+    }                                                                                    \
+    return old;                                                                          \
+  }                                                                                      \
+  inline T atomicCAS(T* p, T cmp, T v) {                                                 \
+    __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);  \
+    return cmp;                                                                          \
+  }
+LQ_EMU_ATOMIC(int)
+LQ_EMU_ATOMIC(unsigned)
+LQ_EMU_ATOMIC(unsigned long long)
+#undef LQ_EMU_ATOMIC
+// A spinning thread lets the others run; the scheduler reports a spin that cannot end.
+inline void __nanosleep(unsigned ns, std::source_location loc = std::source_location::current()) {
+  lqlora::emu::spin_wait(ns, loc);
+}
+
 // ---- memory: cache-hinted loads and stores (alignment-checked) ----
 #define LQ_EMU_LOAD(NAME)                                                              \
   template <typename T>                                                                \

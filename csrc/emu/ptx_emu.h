@@ -120,4 +120,7 @@ inline void cp_async_wait() {
   lqlora::emu::async_wait(N);
 }
 
+inline int ld_acquire_gpu(const int* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+inline void red_add_release_gpu(int* p, int v) { __atomic_fetch_add(p, v, __ATOMIC_RELEASE); }
+
 }  // namespace lqlora::cuda::ptx

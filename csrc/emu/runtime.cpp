@@ -183,6 +183,7 @@ struct Thread {
   int arg = 0, width = 32;
   uint64_t value = 0, result = 0;
   bool started = false;
+  uint64_t spins = 0;  // __nanosleep calls (spin_wait)
   // warp_compute
   WarpComputeFn fn = nullptr;
   const char* fn_name = nullptr;
@@ -717,6 +718,7 @@ void run_block(Worker& w, uint3 bid, int64_t block_linear) {
     t.mask = 0;
     t.async_groups.clear();
     t.async_open.clear();
+    t.spins = 0;
     init_stack(t, w.stacks[i]);
   }
   const int order = config().order.load();
@@ -912,6 +914,19 @@ void async_wait(int pending) {
   flush_async(*tl_worker->cur, pending < 0 ? 0 : static_cast<size_t>(pending));
 }
 
+void spin_wait(unsigned ns, std::source_location loc) {
+  Worker& w = *tl_worker;
+  Thread& me = *w.cur;
+  const int workers = config().workers.load();
+  if (workers <= 1 || ++me.spins > (uint64_t(10000000000) / (ns ? ns : 1) + 100000)) {
+    fault_here(w, "thread " + std::to_string(me.linear) + " spins at " + site_str(loc) +
+                      (workers <= 1 ? " on memory that no block that can still run will change "
+                                      "(a wait on a block that runs after this one)"
+                                    : " for more than ten seconds"));
+  }
+  std::this_thread::yield();
+}
+
 unsigned active_lanes() {
   Worker& w = *tl_worker;
   const Warp& wp = w.warps[w.cur->linear >> 5];
@@ -1012,6 +1027,13 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument";
     default: return "unspecified launch failure";
   }
+}
+
+cudaError_t cudaMemsetAsync(void* dst, int value, size_t count, cudaStream_t) {
+  auto& hs = lqlora::emu::host_state();
+  if (hs.pending != cudaSuccess) return hs.pending;
+  std::memset(dst, value, count);
+  return cudaSuccess;
 }
 
 cudaError_t cudaGetDevice(int* device) {

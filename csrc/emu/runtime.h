@@ -65,6 +65,12 @@ void async_copy(void* dst, const void* src, size_t bytes, std::source_location l
 void async_commit();
 void async_wait(int pending);
 
+// One iteration of a spin-wait on global memory written by other blocks (__nanosleep). With
+// one worker, the blocks it waits for can only be ones that already ran or will run after
+// this one: the spin faults at once ("waits on a later block"); with several workers, after
+// ten seconds.
+void spin_wait(unsigned ns, std::source_location loc);
+
 // Lanes of the caller's warp that exist and have not exited.
 unsigned active_lanes();
 
