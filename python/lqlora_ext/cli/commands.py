@@ -103,6 +103,9 @@ def _weights_bytes(model) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from .stream import cmd_quantize_stream, wants_streaming
+    if wants_streaming(args):
+        return cmd_quantize_stream(args)
     import torch
 
     from ..io.checkpoint import atomic_dir
@@ -256,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resumable cost-profile cache")
     q.add_argument("--workers", type=int, default=None, help="profiling processes")
     q.add_argument("--seed", type=int, default=0)
+    add_streaming_args(q)
     q.set_defaults(func=cmd_quantize)
     t = sub.add_parser("finetune", help="train the adapters of an LQ-LoRA model")
     t.add_argument("--model", help="LQ-LoRA model dir (default: the no-argument quantize "
@@ -278,7 +282,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--eval-seqs", type=int, default=32)
     e.set_defaults(func=cmd_eval)
+    add_fisher_parser(sub)
     return p
+
+
+def add_streaming_args(q) -> None:
+    q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the --model directory tensor by tensor, resumably, never "
+                        "loading the dense model (default: on under torchrun or with "
+                        "--fisher-dir or --no-eval)")
+    q.add_argument("--fisher-dir", help="Fisher directory from `lqlora fisher` (streaming, "
+                                        "data-aware)")
+    q.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="held-out perplexity (streaming: of the quantized model only)")
+    q.add_argument("--device", default="cpu", help="where matrices are decomposed "
+                                                   "(streaming): cpu or cuda")
+    q.add_argument("--max-shard-size", default="2GB", help="output shard size (streaming)")
+    q.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds to reach the torchrun rendezvous and every peer")
+
+
+def add_fisher_parser(sub) -> None:
+    from .fisher import cmd_fisher
+    f = sub.add_parser("fisher", help="estimate the Fisher of a checkpoint's weights into a "
+                                      "directory for `quantize --fisher-dir`")
+    f.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    f.add_argument("--calibration", help="text file (default: stdlib docs, calibration part)")
+    f.add_argument("--out", required=True, help="Fisher directory to write")
+    f.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                   help="dtype the model runs in (accumulators are fp32)")
+    f.add_argument("--seq-len", type=int, default=256)
+    f.add_argument("--calib-seqs", type=int, default=32)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=cmd_fisher)
 
 
 def main(argv=None) -> int:
