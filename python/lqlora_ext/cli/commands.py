@@ -126,7 +126,7 @@ def cmd_quantize(args) -> int:
           flush=True)
     cfg = LQLoRAConfig(budget_bits=args.budget, rank=args.rank, fisher=args.fisher,
                        grid=args.grid, seed=args.seed, cache_dir=args.cache_dir,
-                       workers=args.workers)
+                       workers=args.workers, max_iters=args.max_iters)
     report = quantize_model(model, cfg, calibration=calib)
     print(report)
     after_bytes = _weights_bytes(model)
@@ -286,6 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
 def add_streaming_args(q) -> None:
     q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize the --model directory tensor by tensor, resumably, never "
@@ -298,6 +308,8 @@ def add_streaming_args(q) -> None:
     q.add_argument("--device", default="cpu", help="where matrices are decomposed "
                                                    "(streaming): cpu or cuda")
     q.add_argument("--max-shard-size", default="2GB", help="output shard size (streaming)")
+    q.add_argument("--max-iters", type=_positive_int, default=100,
+                   help="decomposition iteration cap (LoftQ-style fixed budgets: 1-5)")
     q.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds to reach the torchrun rendezvous and every peer")
 

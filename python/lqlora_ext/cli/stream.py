@@ -52,7 +52,8 @@ def cmd_quantize_stream(args) -> int:
         from .commands import default_out
         out = args.out or default_out(args.model, args.budget, args.rank, fisher)
         cfg = LQLoRAConfig(budget_bits=args.budget, rank=args.rank, fisher=fisher,
-                           grid=args.grid, seed=args.seed, cache_dir=args.cache_dir)
+                           grid=args.grid, seed=args.seed, cache_dir=args.cache_dir,
+                           max_iters=args.max_iters)
         t0 = time.time()
         try:
             summary = quantize_checkpoint(args.model, out, cfg, fisher_dir=args.fisher_dir,

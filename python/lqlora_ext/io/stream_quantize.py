@@ -325,7 +325,8 @@ def quantize_checkpoint(model_dir: str, out: str, config: LQLoRAConfig, *,
                    "weights_mib_before": src.total_bytes / 2**20,
                    "weights_mib_after": total / 2**20, "matrices": len(names),
                    "decompose_seconds_median": sorted(secs)[len(secs) // 2] if secs else 0.0,
-                   "decompose_seconds_total": sum(secs), "seconds": time.time() - t0,
+                   "decompose_seconds_total": sum(secs), "decompose_seconds": secs,
+                   "seconds": time.time() - t0,
                    "job": job_id, "allocation": report.to_dict()}
         with open(os.path.join(final, REPORT), "w") as f:
             json.dump(summary, f, indent=1)

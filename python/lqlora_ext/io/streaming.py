@@ -302,12 +302,21 @@ def write_safetensors(path: str, entries: Sequence[Entry],
                                      f"{f.tell() - start} bytes, planned {e.nbytes}")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return 8 + len(hbytes) + off
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Rename ``tmp`` over ``path`` with the permissions an ordinary ``open`` would have
+    given it (mkstemp makes files private to their owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def is_complete(path: str) -> bool:
@@ -328,7 +337,7 @@ def atomic_write_json(path: str, obj, **kw) -> None:
             json.dump(obj, f, **kw)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
