@@ -288,3 +288,24 @@ def test_checkpoint_dir_reads_one_tensor_at_a_time(dense):
     assert src.fingerprint(key) == CheckpointDir(dense).fingerprint(key)
     with pytest.raises(CheckpointError, match="no tensor 'nope'"):
         src.load("nope")
+
+
+def test_streaming_mode_selection(monkeypatch):
+    from lqlora_ext.cli.stream import parse_size, wants_streaming
+    p = cli.build_parser()
+    want = lambda *a: wants_streaming(p.parse_args(["quantize", "--model", "m", *a]))  # noqa
+    assert not want() and want("--stream") and want("--no-eval") and want("--fisher-dir", "f")
+    assert not want("--no-stream", "--no-eval")
+    with pytest.raises(SystemExit, match="--fisher-dir is read by the streaming path"):
+        want("--no-stream", "--fisher-dir", "f")
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    assert want()
+    with pytest.raises(SystemExit, match="under torchrun"):
+        want("--no-stream")
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20
+    with pytest.raises(SystemExit, match="cannot read size"):
+        parse_size("lots")
+    with pytest.raises(SystemExit):
+        p.parse_args(["quantize", "--max-iters", "0"])

@@ -97,6 +97,13 @@ def wants_streaming(args) -> bool:
     or evaluation is off (the in-memory path exists to measure the dense model too)."""
     from ..distributed.env import in_torchrun
 
-    if args.stream is not None:
-        return bool(args.stream)
-    return in_torchrun() or bool(args.fisher_dir) or not args.eval
+    if args.stream is False:
+        if in_torchrun():
+            raise SystemExit("lqlora quantize: --no-stream (the in-memory path) runs in one "
+                             "process; under torchrun every rank would do the whole job")
+        if args.fisher_dir:
+            raise SystemExit("lqlora quantize: --fisher-dir is read by the streaming path; "
+                             "drop --no-stream (the in-memory path estimates the Fisher "
+                             "itself from --calibration)")
+        return False
+    return bool(args.stream) or in_torchrun() or bool(args.fisher_dir) or not args.eval
