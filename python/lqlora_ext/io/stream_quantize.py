@@ -109,8 +109,9 @@ def quantize_checkpoint(model_dir: str, out: str, config: LQLoRAConfig, *,
                         world: Optional[World] = None, max_shard_bytes: int = 2 << 30,
                         log: Callable[[str], None] = print) -> dict:
     """Quantize the checkpoint directory ``model_dir`` into the Hugging Face directory
-    ``out`` (``from_pretrained`` with quant_method "lqlora", or ``load_quantized``-style
-    readers of that format), tensor by tensor, resumably. See the module docstring.
+    ``out`` (read by ``from_pretrained`` with quant_method "lqlora" and by
+    :func:`~lqlora_ext.load_quantized`), tensor by tensor, resumably. See the module
+    docstring.
 
     config: as for :func:`~lqlora_ext.quantize_model` (``fisher=True`` needs
     ``fisher_dir``, written by ``lqlora fisher``; ``workers`` is unused: parallelism is the
