@@ -309,3 +309,21 @@ def test_streaming_mode_selection(monkeypatch):
         parse_size("lots")
     with pytest.raises(SystemExit):
         p.parse_args(["quantize", "--max-iters", "0"])
+
+
+def test_bench_checkpoint_writer_makes_a_loadable_model(tmp_path):
+    """bench/stream_memory.py's 7B-shaped checkpoints, at a tiny shape: sharded, bf16,
+    seeded (the same bytes twice), and an ordinary from_pretrained directory."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from stream_memory import write_checkpoint
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=128, max_position_embeddings=64,
+                 tie_word_embeddings=False)
+    for d in ("a", "b"):
+        write_checkpoint(str(tmp_path / d), 2, shard_bytes=40_000, shape=shape)
+    assert file_digests(str(tmp_path / "a")) == file_digests(str(tmp_path / "b"))
+    src = CheckpointDir(str(tmp_path / "a"))
+    assert len(src.files) > 1 and all(t.dtype == "BF16" for t in src.tensors.values())
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "a"))
+    w = m.model.layers[1].mlp.up_proj.weight
+    assert w.dtype == torch.bfloat16 and 0.015 < float(w.float().std()) < 0.025
