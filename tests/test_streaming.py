@@ -23,7 +23,9 @@ from lqlora_ext import load_quantized, quantize_model  # noqa: E402
 from lqlora_ext.cli import commands as cli  # noqa: E402
 from lqlora_ext.io.streaming import CheckpointDir, CheckpointError  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# module_docs("typing") reads typing.io / typing.re, which warn on access (Python 3.11)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
+    r"ignore:typing\.(io|re) is deprecated:DeprecationWarning")]
 
 # The GRID of tests/tiny.py as `--grid` cannot name it: quantize_checkpoint takes a config.
 BUDGET, RANK = 3.0, 4
