@@ -1,11 +1,9 @@
-// The one place every lqlora:: operator schema is defined (extension-cpp's muladd.cpp
-// pattern). Backend files (cpu/*.cpp, cuda/*.cu) only register kernels for their dispatch
-// key with TORCH_LIBRARY_IMPL; Python adds fake kernels and autograd in lqlora_ext/ops/__init__.py.
-//
-// Packed-tensor arguments (qcodes, qscales, scale2, offset) follow docs/format.md; `levels`
-// is the fp32 [2^bits] NormalFloat table (lqlora_ext.nf_code(bits)).
+// lqlora_ext._C's entry point and the lqlora:: operator namespace. The schemas themselves
+// live in lqlora/schemas.h (shared with the emulator module's lqlora_emu:: namespace).
 #include <Python.h>
 #include <torch/library.h>
+
+#include "lqlora/schemas.h"
 
 extern "C" {
 // Importing lqlora_ext._C loads this library, which runs the registrations below. The
@@ -16,37 +14,4 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(lqlora, m) {
-  // w [rows, cols] float32/bf16/fp16 -> (qcodes int32, qscales int32, scale2 scale_dtype,
-  // offset float32[1]). Refuses NaN/Inf naming the first bad index.
-  m.def(
-      "quantize(Tensor w, Tensor levels, int bits, int block_size, int scale_bits, "
-      "int scale_block_size, ScalarType scale_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Double-quantized scales -> fp32 first-level scales [nblocks].
-  m.def(
-      "unpack_scales(Tensor qscales, Tensor scale2, Tensor offset, int nblocks, "
-      "int scale_bits, int scale_block_size) -> Tensor");
-  // Packed weight -> dense [rows, cols] in `dtype`.
-  m.def(
-      "dequantize(Tensor qcodes, Tensor qscales, Tensor scale2, Tensor offset, Tensor levels, "
-      "int rows, int cols, int bits, int block_size, int scale_bits, int scale_block_size, "
-      "ScalarType dtype) -> Tensor");
-  // x [M, cols] -> x @ W^T (+ lora_scale * (x @ lora_a^T) @ lora_b^T), [M, rows], x's dtype.
-  // lora_a [r, cols], lora_b [rows, r], both or neither.
-  m.def(
-      "qmatmul(Tensor x, Tensor qcodes, Tensor qscales, Tensor scale2, Tensor offset, "
-      "Tensor levels, int rows, int bits, int block_size, int scale_bits, "
-      "int scale_block_size, Tensor? lora_a, Tensor? lora_b, float lora_scale) -> Tensor");
-  // g [M, rows] -> g @ W, [M, cols], g's dtype: the input gradient of qmatmul without a
-  // dense weight.
-  m.def(
-      "qmatmul_t(Tensor g, Tensor qcodes, Tensor qscales, Tensor scale2, Tensor offset, "
-      "Tensor levels, int cols, int bits, int block_size, int scale_bits, "
-      "int scale_block_size) -> Tensor");
-  // Seeded randomized SVD of a [..., m, n] (Halko et al.): U [..., m, rank],
-  // S [..., rank], V [..., n, rank]. `init` [..., n, rank + oversample] replaces the
-  // Gaussian sketch (warm start from a previous subspace).
-  m.def(
-      "rsvd(Tensor a, int rank, int oversample, int niter, int seed, Tensor? init) -> "
-      "(Tensor, Tensor, Tensor)");
-}
+TORCH_LIBRARY(lqlora, m) { lqlora::define_schemas(m); }

@@ -284,8 +284,9 @@ def test_finetune_lowers_heldout_perplexity_and_saves(quantized_dir, tmp_path, c
 
 
 def test_finetune_refuses_a_dense_model(dense_dir, capsys):
-    assert cli.main(["finetune", "--model", dense_dir, "--steps", "1", *SEQ]) == 2
-    assert "not an LQ-LoRA model directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not an LQ-LoRA model directory") as e:
+        cli.main(["finetune", "--model", dense_dir, "--steps", "1", *SEQ])
+    assert e.value.code == 2 and "not an LQ-LoRA model directory" in capsys.readouterr().err
 
 
 def test_eval_reads_the_save_quantized_format_too(quantized_dir, tmp_path, capsys):

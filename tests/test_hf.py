@@ -270,8 +270,9 @@ def test_edited_block_size_with_matching_lengths_refused(saved_llama, tmp_path):
     _edit_config(d, lambda qc: qc["modules"][name]["quant"].__setitem__("block_size", 128))
     with open(os.path.join(d, "config.json")) as f:
         qc = hf.LQLoRAQuantizationConfig(**json.load(f)["quantization_config"])
-    hf.check_layout(qc.modules, hf.read_file_layout([os.path.join(d, "model.safetensors")]),
-                    where="x", placeholders=True)  # the layout alone cannot see it
+    from lqlora_ext.io.layout import check_layout
+    check_layout(qc.modules, hf.read_file_layout([os.path.join(d, "model.safetensors")]),
+                 where="x", placeholders=True)  # the layout alone cannot see it
     with pytest.raises(ValueError, match="modified after saving"):
         AUTO.from_pretrained(d)
 

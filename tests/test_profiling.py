@@ -59,7 +59,7 @@ def which(calls, ws):
 def key_of(w, fisher=None, **kw):
     s = dict(rank=RANK, seed=0, max_iters=100, tol=1e-3, threads=1)
     s.update(kw)
-    return profiling._key(w, fisher, profiling.cache_settings(w, **s))
+    return profiling._key(w, fisher, profiling.cache_settings(w.device.type, **s))
 
 
 def run(ws, cache_dir=None, workers=1, **kw):
@@ -146,7 +146,7 @@ def test_cache_adds_only_missing_configs(tmp_path, counting):
 
 def test_changed_inputs_change_the_key(tmp_path, counting):
     ws = weights()
-    settings = profiling.cache_settings(ws["a"], RANK, 0, 100, 1e-3, 1)
+    settings = profiling.cache_settings("cpu", RANK, 0, 100, 1e-3, 1)
     k = profiling._key(ws["a"], None, settings)
     w2 = ws["a"].clone()
     w2[5, 7] += 1e-3

@@ -9,6 +9,14 @@
 #include "launch.h"
 #include "lqlora/pack.h"
 
+// The launch seam: `LQ_LAUNCH(grid, block, smem, stream, kernel)(args...)` is
+// `kernel<<<grid, block, smem, stream>>>(args...)` under nvcc; under the SIMT emulator
+// (csrc/emu/cuda_emu.h, force-included, defines LQLORA_EMU) it runs the grid on fibers.
+// This is the only place kernel code tells the two builds apart.
+#if !defined(LQLORA_EMU)
+#define LQ_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace lqlora::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;

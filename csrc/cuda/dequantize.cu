@@ -73,8 +73,8 @@ cudaError_t launch_unpack_scales(const uint32_t* qscales, const void* scale2, DT
   const ScaleArgs sa =
       make_scale_args(qscales, scale2, scale2_dtype, scale_bits, scale_block_size);
   const int threads = 256;
-  unpack_scales_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(nblocks, threads)), threads, 0,
-                         stream>>>(sa, offset, nblocks, out);
+  const unsigned grid = static_cast<unsigned>(ceil_div<int64_t>(nblocks, threads));
+  LQ_LAUNCH(grid, threads, 0, stream, unpack_scales_kernel)(sa, offset, nblocks, out);
   return cudaGetLastError();
 }
 
@@ -90,7 +90,7 @@ cudaError_t launch_dequantize(const PackedView& w, int64_t e_begin, int64_t e_en
   const int log2_b0 = ilog2(w.block_size);
   return LQ_CUDA_BITS_SWITCH(w.bits, [&] {
     return LQ_CUDA_DTYPE_SWITCH(out_dtype, OutT, [&] {
-      dequantize_kernel<kBits, OutT><<<grid, kDqWarps * 32, 0, stream>>>(
+      LQ_LAUNCH(grid, kDqWarps * 32, 0, stream, dequantize_kernel<kBits, OutT>)(
           w.qcodes, sa, w.offset, w.levels, n, log2_b0, nblocks, e_begin, e_end,
           static_cast<OutT*>(out));
       return cudaGetLastError();

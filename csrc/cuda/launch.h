@@ -42,6 +42,7 @@ struct LoraView {
   int rank;
   float scale;
   float* t;       // workspace fp32 [M, rank] (= x @ a^T)
+  int* ready;     // workspace int32 [1] (the fused kernels' producer counter; zeroed here)
 };
 
 // ŝ[j] for j in [0, nblocks): fp32 out[nblocks], bit-exact with the CPU.
@@ -63,18 +64,25 @@ cudaError_t launch_quantize(const float* w, int64_t rows, int64_t cols, const fl
                             float* offset, float* ws_s1, float* ws_c, float* ws_shat,
                             cudaStream_t stream);
 
-// Decode path of qmatmul, 1 <= M <= kSmallM: out[M, rows] = x[M, cols] @ W^T (+ LoRA), fp32
-// accumulation, out in x_dtype. x contiguous [M, cols]. lora may be null.
+// Fused qmatmul, 1 <= M <= qmatmul_fused_max_m(x_dtype): out[M, rows] = x[M, cols] @ W^T
+// (+ LoRA), fp32 accumulation, out in x_dtype. x contiguous [M, cols]. lora may be null.
+// fp32 x: CUDA cores up to kSmallM rows; 16-bit x: tensor cores for kMmaMinM < M <= kMmaMaxM
+// when cols % 32 == 0 (CUDA cores below, and for other cols up to kSmallM).
 constexpr int kSmallM = 16;
+constexpr int kMmaMinM = 4;
+constexpr int kMmaMaxM = 128;
+inline int qmatmul_fused_max_m(DType x_dtype, int64_t cols) {
+  return x_dtype != DType::kFloat32 && cols % 32 == 0 ? kMmaMaxM : kSmallM;
+}
 cudaError_t launch_qmatmul_small(const void* x, DType x_dtype, int M, const PackedView& w,
                                  const LoraView* lora, void* out, cudaStream_t stream);
 
-// Small-M qmatmul_t: g[M, rows] @ W -> per-split fp32 partial sums
-// partial[splits, M, cols] (the glue sums over splits and casts). `scales` is fp32
-// [nblocks] from launch_unpack_scales. `splits` from qmatmul_t_splits().
+// Small-M qmatmul_t (M <= kSmallM): out[M, cols] = g[M, rows] @ W in g_dtype, through
+// per-split fp32 partial sums partial[splits, M, cols] (workspace) added in split order.
+// `scales` is fp32 [nblocks] from launch_unpack_scales. `splits` from qmatmul_t_splits().
 int qmatmul_t_splits(int64_t rows, int64_t cols, int M);
 cudaError_t launch_qmatmul_t_small(const void* g, DType g_dtype, int M, const PackedView& w,
-                                   const float* scales, int splits, float* partial,
+                                   const float* scales, int splits, float* partial, void* out,
                                    cudaStream_t stream);
 
 }  // namespace lqlora::cuda

@@ -1,5 +1,6 @@
 // CUDA kernels of the lqlora:: operators (schemas in csrc/registry.cpp): argument checks,
 // allocation, stream and device selection, then the torch-free launchers of launch.h.
+// Compiled a second time for the SIMT emulator (backend.h says what differs).
 //
 // Compiled by the host C++ compiler. It deliberately includes no ATen/cuda or c10/cuda
 // header: the current stream comes from the device-generic c10 interface
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "backend.h"
 #include "launch.h"
 #include "lqlora/format.h"
 #include "lqlora/guards.h"
@@ -28,16 +30,6 @@ namespace lqlora::cuda {
 namespace {
 
 constexpr int64_t kChunkElems = int64_t(1) << 26;  // dequantized rows per at::mm chunk
-
-// torch's current CUDA stream on `device`, as the cudaStream_t. This is what
-// c10::Stream::native_handle() does (torch >= 2.11, pytorch#171040), called through the
-// DeviceGuardImplInterface vtable directly: same result, but no link-time dependency on the
-// libc10 symbol, so a torch without it fails at build time, not at import.
-cudaStream_t current_stream(const at::Device& device) {
-  const c10::impl::DeviceGuardImplInterface* impl =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  return static_cast<cudaStream_t>(impl->getStreamNativeHandle(impl->getStream(device)));
-}
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "lqlora.", op, ": CUDA kernel launch failed: ",
@@ -77,8 +69,8 @@ Packed make_packed(const at::Tensor& qcodes, const at::Tensor& qscales, const at
                    int64_t scale_block_size, const char* op) {
   const NFLayout L = checked_layout(qcodes, qscales, scale2, offset, levels, rows, cols, bits,
                                     block_size, scale_bits, scale_block_size, op);
-  TORCH_CHECK_VALUE(qcodes.is_cuda(), "lqlora.", op, ": expected CUDA tensors, got qcodes on ",
-                    qcodes.device());
+  TORCH_CHECK_VALUE(on_backend(qcodes), "lqlora.", op, ": expected ", kBackendDevice,
+                    " tensors, got qcodes on ", qcodes.device());
   at::Tensor qc = aligned16(qcodes);
   PackedView v{};
   v.qcodes = reinterpret_cast<const uint32_t*>(qc.data_ptr<int32_t>());
@@ -148,6 +140,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cuda(
                                c.data_ptr<float>(), shat.data_ptr<float>(),
                                current_stream(w.device())),
                "quantize");
+  // A second-level scale beyond scale_dtype's range is stored as inf and would decode to
+  // NaN scales: refuse it as the CPU kernel does (same message). One more sync, like the
+  // NaN check above; quantization is an offline step.
+  if (scale_dtype != at::kFloat && !at::isfinite(scale2).all().item<bool>())
+    TORCH_CHECK_VALUE(false, "lqlora.quantize: a second-level scale overflows ", scale_dtype,
+                      " (block absmax spread ", offset.item<float>(),
+                      " .. beyond the dtype's range); use bfloat16 or float32 scales");
   return {qcodes, qscales, scale2, offset};
 }
 
@@ -215,18 +214,19 @@ at::Tensor qmatmul_cuda(const at::Tensor& x, const at::Tensor& qcodes, const at:
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
 
-  if (M <= kSmallM) {
+  if (M <= qmatmul_fused_max_m(to_dtype(x.scalar_type(), "qmatmul", "x"), K)) {
     const at::Tensor xc = aligned16(x.contiguous());
-    at::Tensor t;
+    at::Tensor t, ready;
     LoraView lv{};
     if (a.defined() && a.size(0) > 0) {
       a = a.contiguous();
       b = b.contiguous();
       t = at::empty({M, a.size(0)}, x.options().dtype(at::kFloat));
+      ready = at::empty({1}, x.options().dtype(at::kInt));
       lv = LoraView{a.data_ptr(), to_dtype(a.scalar_type(), "qmatmul", "lora_a"),
                     b.data_ptr(), to_dtype(b.scalar_type(), "qmatmul", "lora_b"),
                     static_cast<int>(a.size(0)), static_cast<float>(lora_scale),
-                    t.data_ptr<float>()};
+                    t.data_ptr<float>(), ready.data_ptr<int>()};
     }
     check_launch(launch_qmatmul_small(xc.data_ptr(), to_dtype(x.scalar_type(), "qmatmul", "x"),
                                       static_cast<int>(M), P.view, t.defined() ? &lv : nullptr,
@@ -274,11 +274,12 @@ at::Tensor qmatmul_t_cuda(const at::Tensor& g, const at::Tensor& qcodes,
                  "qmatmul_t");
     const int splits = qmatmul_t_splits(N, K, static_cast<int>(M));
     at::Tensor partial = at::empty({splits, M, K}, g.options().dtype(at::kFloat));
+    at::Tensor out = at::empty({M, K}, g.options());
     check_launch(launch_qmatmul_t_small(gc.data_ptr(), to_dtype(g.scalar_type(), "qmatmul_t", "g"),
                                         static_cast<int>(M), P.view, scales.data_ptr<float>(),
-                                        splits, partial.data_ptr<float>(), stream),
+                                        splits, partial.data_ptr<float>(), out.data_ptr(), stream),
                  "qmatmul_t");
-    return (splits == 1 ? partial.view({M, K}) : partial.sum(0)).to(g.scalar_type());
+    return out;
   }
 
   const at::ScalarType dt = g.scalar_type();
@@ -294,7 +295,7 @@ at::Tensor qmatmul_t_cuda(const at::Tensor& g, const at::Tensor& qcodes,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lqlora, CUDA, m) {
+TORCH_LIBRARY_IMPL(LQ_OPS_NAMESPACE, LQ_OPS_DISPATCH, m) {
   m.impl("quantize", &quantize_cuda);
   m.impl("unpack_scales", &unpack_scales_cuda);
   m.impl("dequantize", &dequantize_cuda);

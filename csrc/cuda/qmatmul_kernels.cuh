@@ -1,7 +1,6 @@
-// qmatmul decode path (1 <= M <= kSmallM): out[M, N] = x[M, K] @ W^T (+ LoRA), W [N, K]
-// packed (docs/format.md), fp32 accumulation, out in x's dtype. Included once per activation
-// dtype by qmatmul_{fp32,bf16,fp16}.cu (explicit instantiation), so the 3 x 7 x 3 kernel
-// variants compile in parallel translation units.
+// qmatmul on CUDA cores (1 <= M <= kSmallM): out[M, N] = x[M, K] @ W^T (+ LoRA), W [N, K]
+// packed (docs/format.md), fp32 accumulation, out in x's dtype; the LoRA down-projection.
+// qmatmul_dispatch.cuh picks among these and the tensor-core kernel (qmatmul_mma.cuh).
 //
 // Speed model (H100 SXM, NF4 B0=64 8192x8192, M = 1; estimated from the sm_90a SASS, not
 // yet measured): the floor is the weight stream, 32 MiB of codes + 1 MiB of scale codes at
@@ -27,6 +26,7 @@
 //    shared memory once per block.
 #pragma once
 #include "common.cuh"
+#include "lora.cuh"
 
 namespace lqlora::cuda {
 
@@ -77,8 +77,9 @@ __device__ __forceinline__ void lookup8(const float* lut, const uint32_t (&w)[Bi
 //   qcodes : uint32 [N*K/32 * Bits], 16-byte aligned   (group of (n, g) = n*K/32 + g)
 //   sa     : scale codes; offset fp32 [1]; levels fp32 [2^Bits]
 //   B0 = 1 << log2_b0, nblocks = ceil(N*K / B0)
-//   lora   : optional epilogue (t precomputed by lora_down_kernel)
-// Grid: ceil(N / R) blocks of (32, WK) threads. Block b owns rows [b*R, b*R + R); warp y
+//   lora   : the fused LoRA term (lora.cuh): blocks [0, lora.producers) compute x @ a^T
+// Grid: lora.producers + ceil(N / R) blocks of (32, WK) threads. Block P + b owns rows
+// [b*R, b*R + R); warp y
 // owns the contiguous group range [y*Gw, (y+1)*Gw) of those rows (Gw a multiple of 32) and
 // walks it 32 groups per step, lane l on group base + l. The loop bounds are warp-uniform
 // (lanes past the range run masked), so the warp can shuffle scales.
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(32 * kQmmMaxWarps)
     qmatmul_fast_kernel(const XT* __restrict__ x, int M, int K, int N,
                         const uint32_t* __restrict__ qcodes, ScaleArgs sa,
                         const float* __restrict__ offset, const float* __restrict__ levels,
-                        int log2_b0, int nblocks, LoraArgs lora, XT* __restrict__ out) {
+                        int log2_b0, int nblocks, LoraFused lora, XT* __restrict__ out) {
   static_assert(Bits >= 2 && Bits <= 8, "NF codes are 2..8 bits");
   static_assert(MT >= 1 && MT <= kSmallM && R >= 1, "tile shape");
   constexpr int kLevels = 1 << Bits;
@@ -107,11 +108,16 @@ __global__ void __launch_bounds__(32 * kQmmMaxWarps)
   const int tid = wk * 32 + lane;
   for (int i = tid; i < kLevels; i += 32 * WK) lut[i] = levels[i];
   __syncthreads();
+  const int bid = static_cast<int>(blockIdx.x);
+  if (bid < lora.producers) {  // the LoRA down-projection (lora.cuh)
+    lora_produce(lora, x, M, K, bid);
+    return;
+  }
 
   const int G = K >> 5;                                 // groups per row
   const int Gw = ceil_div(ceil_div(G, WK), 32) * 32;    // groups per warp, multiple of 32
   const int g_begin = wk * Gw, g_end = min(G, g_begin + Gw);
-  const int n0 = blockIdx.x * R;
+  const int n0 = (bid - lora.producers) * R;
   const float o = offset[0];
   const bool per_lane_scales = log2_b0 == 4;  // B0 = 16
   int row_group[R];  // first group of each row (rows past N clamp to N-1: never stored)
@@ -209,14 +215,16 @@ __global__ void __launch_bounds__(32 * kQmmMaxWarps)
       const float v = warp_sum(acc[r][m]);
       if (lane == 0) red[wk][r][m] = v;
     }
+  if (lora.producers > 0 && tid == 0) lora_wait(lora);
   __syncthreads();
-  for (int idx = tid; idx < R * MT; idx += 32 * WK) {
+  // One warp per output: the cross-warp sum, then the LoRA term with the lanes over rank.
+  for (int idx = wk; idx < R * MT; idx += WK) {
     const int r = idx / MT, m = idx % MT, n = n0 + r;
-    if (n >= N || m >= M) continue;
+    if (n >= N || m >= M) continue;  // warp-uniform
     float v = 0.f;
-    for (int k = 0; k < WK; ++k) v += red[k][r][m];
-    if (lora.t != nullptr) v += lora_term(lora, m, n);
-    out[static_cast<int64_t>(m) * N + n] = from_float<XT>(v);
+    for (int k = 0; k < WK; ++k) v = __fadd_rn(v, red[k][r][m]);
+    if (lora.producers > 0) v = __fadd_rn(v, __fmul_rn(lora.scale, lora_dot(lora, m, n)));
+    if (lane == 0) out[static_cast<int64_t>(m) * N + n] = from_float<XT>(v);
   }
 }
 
@@ -260,20 +268,21 @@ __global__ void __launch_bounds__(128)
     if (m >= M) break;
     float v = warp_sum(acc[m]);
     if (lane == 0) {
-      if (lora.t != nullptr) v += lora_term(lora, m, n);
+      if (lora.t != nullptr) v = __fadd_rn(v, lora_term(lora, m, n));
       out[static_cast<int64_t>(m) * N + n] = from_float<XT>(v);
     }
   }
 }
 
 // t[m, j] = sum_k x[m, k] * a[j, k]: x XT [M, K], a [rank, K] (a_dtype), t fp32 [M, rank].
-// One block per j (rank is small); fp32 accumulation.
+// Grid (rank, ceil(M / 16)): block (j, y) does rows [16y, 16y + 16); fp32 accumulation.
 template <typename XT>
 __global__ void __launch_bounds__(256)
     lora_down_kernel(const XT* __restrict__ x, int M, int K, const void* __restrict__ a,
                      DType a_dtype, int rank, float* __restrict__ t) {
   __shared__ float part[8][kSmallM];
-  const int j = blockIdx.x;
+  const int j = blockIdx.x, m0 = blockIdx.y * kSmallM;
+  const int Mt = min(kSmallM, M - m0);
   float acc[kSmallM];
 #pragma unroll
   for (int m = 0; m < kSmallM; ++m) acc[m] = 0.f;
@@ -281,8 +290,8 @@ __global__ void __launch_bounds__(256)
     const float av = load_as_float(a, a_dtype, static_cast<int64_t>(j) * K + k);
 #pragma unroll
     for (int m = 0; m < kSmallM; ++m) {
-      if (m >= M) break;
-      acc[m] = fmaf(av, to_float(x[static_cast<int64_t>(m) * K + k]), acc[m]);
+      if (m >= Mt) break;
+      acc[m] = fmaf(av, to_float(x[static_cast<int64_t>(m0 + m) * K + k]), acc[m]);
     }
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -292,53 +301,12 @@ __global__ void __launch_bounds__(256)
     if (lane == 0) part[warp][m] = v;
   }
   __syncthreads();
-  if (threadIdx.x < M) {
+  const int tid = static_cast<int>(threadIdx.x), warps = static_cast<int>(blockDim.x >> 5);
+  if (tid < Mt) {
     float v = 0.f;
-    for (int w = 0; w < (blockDim.x >> 5); ++w) v += part[w][threadIdx.x];
-    t[threadIdx.x * rank + j] = v;
+    for (int w = 0; w < warps; ++w) v = __fadd_rn(v, part[w][tid]);
+    t[(m0 + tid) * rank + j] = v;
   }
-}
-
-// Picks the kernel variant for (bits, M, K) and launches it (plus the LoRA down-projection).
-template <typename XT>
-cudaError_t qmatmul_small(const XT* x, int M, const PackedView& w, const LoraView* lora, XT* out,
-                          cudaStream_t stream) {
-  const int N = static_cast<int>(w.rows), K = static_cast<int>(w.cols);
-  const ScaleArgs sa =
-      make_scale_args(w.qscales, w.scale2, w.scale2_dtype, w.scale_bits, w.scale_block_size);
-  const int log2_b0 = ilog2(w.block_size);
-  const int nblocks = static_cast<int>(ceil_div<int64_t>(w.rows * w.cols, w.block_size));
-  LoraArgs la{nullptr, nullptr, DType::kFloat32, 0, 0.f};
-  if (lora != nullptr) {
-    lora_down_kernel<XT><<<lora->rank, 256, 0, stream>>>(x, M, K, lora->a, lora->a_dtype,
-                                                         lora->rank, lora->t);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    la = LoraArgs{lora->t, lora->b, lora->b_dtype, lora->rank, lora->scale};
-  }
-  if (K % 32 != 0) {
-    qmatmul_generic_kernel<XT><<<ceil_div(N, 4), 128, 0, stream>>>(
-        x, M, K, N, w.qcodes, w.bits, sa, w.offset, w.levels, log2_b0, la, out);
-    return cudaGetLastError();
-  }
-  const int G = K / 32;
-  const int WK = G >= 32 * kQmmMaxWarps ? kQmmMaxWarps : (G >= 64 ? 2 : 1);
-  const dim3 block(32, WK);
-  return LQ_CUDA_BITS_SWITCH(w.bits, [&] {
-    // Tile shapes (MT accumulators per row, R rows per block) per M range: R = 4 shares
-    // each activation load among 4 rows; at M > 4 the accumulators (MT * R) bound R to 2.
-    if (M == 1) {
-      qmatmul_fast_kernel<kBits, XT, 1, 4><<<ceil_div(N, 4), block, 0, stream>>>(
-          x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
-    } else if (M <= 4) {
-      qmatmul_fast_kernel<kBits, XT, 4, 4><<<ceil_div(N, 4), block, 0, stream>>>(
-          x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
-    } else {
-      qmatmul_fast_kernel<kBits, XT, kSmallM, 2><<<ceil_div(N, 2), block, 0, stream>>>(
-          x, M, K, N, w.qcodes, sa, w.offset, w.levels, log2_b0, nblocks, la, out);
-    }
-    return cudaGetLastError();
-  });
 }
 
 }  // namespace lqlora::cuda

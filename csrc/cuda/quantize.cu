@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) warp_max[warp] = v;
   __syncthreads();
   const int warps_per_block = b0 >> 5;
-  if (threadIdx.x < kThreads / b0) {
+  if (static_cast<int>(threadIdx.x) < kThreads / b0) {
     float m = 0.f;
     for (int k = 0; k < warps_per_block; ++k)
       m = fmaxf(m, warp_max[threadIdx.x * warps_per_block + k]);
@@ -166,17 +166,19 @@ cudaError_t launch_quantize(const float* w, int64_t rows, int64_t cols, const fl
   const int64_t nblocks = ceil_div<int64_t>(n, block_size);
   const int64_t ngroups = ceil_div<int64_t>(nblocks, scale_block_size);
 
-  absmax_kernel<<<blocks_for(n), kThreads, 0, stream>>>(w, n, log2_b0, ws_s1);
-  offset_kernel<<<1, 1024, 0, stream>>>(ws_s1, nblocks, offset);
+  LQ_LAUNCH(blocks_for(n), kThreads, 0, stream, absmax_kernel)(w, n, log2_b0, ws_s1);
+  LQ_LAUNCH(1, 1024, 0, stream, offset_kernel)(ws_s1, nblocks, offset);
   cudaError_t err = LQ_CUDA_DTYPE_SWITCH(scale_dtype, ScaleT, [&] {
-    group_kernel<ScaleT><<<blocks_for(ngroups), kThreads, 0, stream>>>(
+    LQ_LAUNCH(blocks_for(ngroups), kThreads, 0, stream, group_kernel<ScaleT>)(
         ws_s1, nblocks, log2_b1, offset, ngroups, static_cast<ScaleT*>(scale2), ws_c);
     return cudaGetLastError();
   });
   if (err != cudaSuccess) return err;
-  scale_code_kernel<<<blocks_for(ceil_div<int64_t>(nblocks, 32) * 32), kThreads, 0, stream>>>(
+  const unsigned scale_grid = blocks_for(ceil_div<int64_t>(nblocks, 32) * 32);
+  const unsigned code_grid = blocks_for(ceil_div<int64_t>(n, 32) * 32);
+  LQ_LAUNCH(scale_grid, kThreads, 0, stream, scale_code_kernel)(
       ws_s1, nblocks, log2_b1, offset, ws_c, scale_bits, qscales, ws_shat);
-  code_kernel<<<blocks_for(ceil_div<int64_t>(n, 32) * 32), kThreads, 0, stream>>>(
+  LQ_LAUNCH(code_grid, kThreads, 0, stream, code_kernel)(
       w, n, log2_b0, ws_shat, levels, bits, qcodes);
   return cudaGetLastError();
 }

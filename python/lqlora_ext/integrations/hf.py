@@ -38,16 +38,13 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..formats import FORMAT_VERSION, QuantConfig
-from ..io.layout import (PLACEHOLDER, PLACEHOLDER_DTYPE, PLACEHOLDER_SHAPE, LayoutError,
-                         check_finite, check_layout, config_digest, lq_keys, tensor_digest,
-                         validate_modules)
+from ..io.layout import (HINT_KEY, PLACEHOLDER, LayoutError, check_finite, lq_keys,
+                         placeholder_tensor, quantization_digest, tensor_digest,
+                         validate_modules, verify_hf)
 from ..nn.linear import LQLinear, freeze_base
 
 QUANT_METHOD = "lqlora"
 _PACKED = ("qcodes", "qscales", "scale2", "offset")
-# A top-level tensor whose name is the instruction, shown in the load report of a
-# transformers that does not know quant_method "lqlora".
-HINT_KEY = "lqlora__import_lqlora_ext_before_from_pretrained"
 
 
 def _module_entry(m: LQLinear) -> Dict[str, Any]:
@@ -98,8 +95,7 @@ class LQLoRAQuantizationConfig(QuantizationConfigMixin):
                     if isinstance(m, LQLinear)}, freeze_base=freeze_base)
 
     def current_digest(self) -> str:
-        return config_digest({"format_version": self.format_version, "modules": self.modules,
-                              "digests": self.digests})
+        return quantization_digest(self.format_version, self.modules, self.digests)
 
     def to_dict(self) -> Dict[str, Any]:
         d = {k: v for k, v in super().to_dict().items() if k != "loaded_digest"}
@@ -146,45 +142,13 @@ def read_file_layout(files: Iterable[str]) -> Dict[str, tuple]:
 
 def verify_checkpoint(qc: LQLoRAQuantizationConfig, found: Dict[str, tuple],
                       read_tensor=None, prefixes=("",), where: str = "lqlora") -> None:
-    """Everything a loader must refuse, in one place (shared by every reader and writer of
-    the HF format): given the tensors' names, dtypes and shapes (``found``), strict layout
-    both ways; the config's digest; and, when ``read_tensor(key) -> Tensor`` is given,
-    every tensor's digest and finite adapters/scales. Raises ValueError naming the tensor."""
+    """:func:`lqlora_ext.io.layout.verify_hf` for a parsed config (the one function every
+    reader of the HF format goes through); raises ValueError naming the tensor."""
     try:
-        check_layout(qc.modules, found, where=where, prefixes=prefixes, placeholders=True)
+        verify_hf(qc.modules, qc.digests, qc.loaded_digest, qc.format_version, found,
+                  read_tensor, prefixes, where)
     except LayoutError as e:
         raise ValueError(str(e)) from None
-    if qc.digests is None or qc.loaded_digest is None:
-        raise ValueError(f"{where}: quantization_config has no digests (written by an earlier "
-                         f"lqlora_ext, or edited); load it with that version and save it again")
-    if qc.loaded_digest != qc.current_digest():
-        raise ValueError(f"{where}: quantization_config was modified after saving (its digest "
-                         f"does not match its module entries and tensor digests); refusing a "
-                         f"checkpoint whose description may not match its tensors")
-    lq = {}
-    for key, is_float in lq_keys(qc.modules, placeholders=True).items():
-        for p in prefixes:
-            if p + key in found:
-                lq[p + key] = is_float or key.endswith((".offset", ".scale2"))
-    for key in found:
-        if key in lq and key not in qc.digests:
-            raise ValueError(f"{where}: tensor {key!r} has no digest in quantization_config "
-                             f"(tensor added or config edited after saving)")
-    if read_tensor is None:
-        return
-    for key in found:
-        want = qc.digests.get(key)
-        if want is None:
-            continue  # a tensor the writer did not list (not an LQ one: checked above)
-        t = read_tensor(key)
-        if tensor_digest(t) != want:
-            raise ValueError(f"{where}: tensor {key!r} does not match its digest (bytes changed "
-                             f"after saving: corrupt or edited checkpoint)")
-        if lq.get(key):
-            try:
-                check_finite(key, t, where)
-            except LayoutError as e:
-                raise ValueError(str(e)) from None
 
 
 def check_checkpoint_files(files, qc: LQLoRAQuantizationConfig, prefixes=("",)) -> None:
@@ -230,8 +194,8 @@ def hf_state_dict(model: nn.Module, qc: LQLoRAQuantizationConfig) -> Dict[str, t
                 raise ValueError(f"{e} (diverged training?); not saving a model that would "
                                  f"not load back") from None
     for name in qc.modules:
-        sd[f"{name}.{PLACEHOLDER}"] = torch.zeros(PLACEHOLDER_SHAPE, dtype=PLACEHOLDER_DTYPE)
-    sd[HINT_KEY] = torch.zeros(PLACEHOLDER_SHAPE, dtype=PLACEHOLDER_DTYPE)
+        sd[f"{name}.{PLACEHOLDER}"] = placeholder_tensor()
+    sd[HINT_KEY] = placeholder_tensor()
     qc.digests = {k: tensor_digest(t) for k, t in sd.items()}
     return sd
 

@@ -366,3 +366,19 @@ def _commit(tmp: str, target: str, new_files: List[str], inside: bool) -> None:
             return
         os.unlink(os.path.join(tmp, OUTPUT_MARKER))
     _merge_into(tmp, target, new_files, old_own)
+
+
+def commit_prepared(prepared: str, path: str, *, overwrite: bool = False,
+                    protect: Iterable[str] = (), who: str = "save") -> None:
+    """Commit a directory a long-running writer filled itself (e.g. a resumable job's
+    ``final/``, on ``path``'s filesystem) as :func:`atomic_dir` commits its own: the same
+    checks, fsync, atomic swap or merge, file list. ``prepared`` is consumed (moved, or
+    left holding the previous save, which the caller removes)."""
+    target = check_output_dir(path, overwrite=overwrite, protect=protect, who=who)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    new_files = _files_below(prepared)
+    if new_files is None:
+        raise OutputDirError(f"{who}: {prepared} holds something other than regular files")
+    new_files.discard(OUTPUT_MARKER)
+    _fsync_tree(prepared)
+    _commit(prepared, target, sorted(new_files), inside=False)

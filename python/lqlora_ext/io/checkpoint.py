@@ -233,9 +233,16 @@ def install_lq_layers(model: nn.Module, modules: Dict[str, dict],
 def load_quantized(path: str, model: nn.Module) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized` into ``model`` (an instance of
     the same architecture, dense or already quantized), in place; returns ``model``.
-    Refuses corrupt/truncated files and checkpoints that do not match the model."""
-    manifest = read_manifest(path)
-    state = load_state(path, manifest)
+    Refuses corrupt/truncated files and checkpoints that do not match the model. Also reads
+    the Hugging Face format (``save_pretrained`` or ``lqlora quantize`` output, sharded
+    or not)."""
+    if not os.path.isfile(os.path.join(path, MANIFEST)) and \
+            os.path.isfile(os.path.join(path, "config.json")):
+        from .streaming import read_hf_quantized
+        manifest, state = read_hf_quantized(path, model)
+    else:
+        manifest = read_manifest(path)
+        state = load_state(path, manifest)
     # The modules install_lq_layers replaces, put back if the checkpoint turns out not to
     # match (a later module's shape, missing/unexpected keys): a refused load leaves the
     # model as it was, not half-converted.

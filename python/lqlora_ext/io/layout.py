@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-from ..formats.nf import QuantConfig, packed_sizes
+from ..formats.nf import FORMAT_VERSION, QuantConfig, packed_sizes
 
 PACKED = ("qcodes", "qscales", "scale2", "offset")
 # Leaf names only an LQLinear has: a tensor so named outside the listed modules means a
@@ -182,3 +182,101 @@ def check_finite(key: str, t: torch.Tensor, where: str) -> None:
 def lq_keys(modules: Mapping[str, dict], placeholders: bool = False) -> Dict[str, bool]:
     """``{key: is_float}`` for every tensor of the listed modules."""
     return {k: dt is None for k, (dt, _) in expected_tensors(modules, placeholders).items()}
+
+
+# ------------------------------------------------ the Hugging Face format, for every writer
+# A top-level tensor whose name is the instruction, shown in the load report of a
+# transformers that does not know quant_method "lqlora".
+HINT_KEY = "lqlora__import_lqlora_ext_before_from_pretrained"
+
+
+def quantization_digest(format_version: int, modules: Mapping[str, dict],
+                        digests: Optional[Mapping[str, str]]) -> str:
+    """The ``digest`` field of an HF ``quantization_config``: sha256 of the format version,
+    the (validated, normalized) module entries and the tensor digests, canonical JSON."""
+    return config_digest({"format_version": format_version, "modules": modules,
+                          "digests": digests})
+
+
+def hf_quantization_config(modules: Mapping[str, dict], digests: Mapping[str, str],
+                           format_version: int, freeze_base: bool = True) -> Dict[str, Any]:
+    """The ``quantization_config`` dict for ``config.json`` (writers that do not go through
+    ``save_pretrained``, e.g. a streaming writer): entries validated, digest computed."""
+    mods = validate_modules(dict(modules), "quantization_config")
+    return {"quant_method": "lqlora", "format_version": format_version,
+            "freeze_base": bool(freeze_base), "modules": mods, "digests": dict(digests),
+            "digest": quantization_digest(format_version, mods, dict(digests))}
+
+
+def placeholder_tensor() -> torch.Tensor:
+    return torch.zeros(PLACEHOLDER_SHAPE, dtype=PLACEHOLDER_DTYPE)
+
+
+def file_digests(path: str) -> Dict[str, str]:
+    """:func:`tensor_digest` of every tensor of a safetensors file, from its bytes in
+    chunks (no tensor is materialized: for writers of checkpoints bigger than memory)."""
+    from .streaming import read_header
+
+    infos, _ = read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for key, info in infos.items():
+            h = hashlib.sha256(f"{str(info.torch_dtype).replace('torch.', '')}"
+                               f"{list(info.shape)}".encode())
+            f.seek(info.start)
+            left = info.nbytes
+            while left:
+                buf = f.read(min(16 << 20, left))
+                if not buf:
+                    raise LayoutError(f"{path}: truncated inside tensor {key!r}")
+                h.update(buf)
+                left -= len(buf)
+            out[key] = h.hexdigest()
+    return out
+
+
+def verify_hf(modules: Mapping[str, dict], digests: Optional[Mapping[str, str]],
+              digest: Optional[str], format_version: int, found: Found, read_tensor=None,
+              prefixes: Iterable[str] = ("",), where: str = "lqlora") -> None:
+    """Everything a reader of the HF format must refuse, in one place (from_pretrained,
+    load_quantized, any other reader): given the tensors' names, dtypes and shapes
+    (``found``), strict layout both ways with the placeholders; the config's digest; and,
+    when ``read_tensor(key) -> Tensor`` is given, every tensor's digest and finite
+    adapters/scales. Raises :class:`LayoutError` naming the tensor."""
+    prefixes = tuple(prefixes)
+    if format_version != FORMAT_VERSION or isinstance(format_version, bool):
+        raise LayoutError(f"{where}: checkpoint uses NF format version {format_version!r}; "
+                          f"this lqlora_ext reads version {FORMAT_VERSION}")
+    check_layout(modules, found, where=where, prefixes=prefixes, placeholders=True)
+    if digests is not None and (not isinstance(digests, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
+        raise LayoutError(f"{where}: corrupt quantization_config: 'digests' must map tensor "
+                          f"names to sha256 hex strings")
+    if digests is None or digest is None:
+        raise LayoutError(f"{where}: quantization_config has no digests (written by an earlier "
+                          f"lqlora_ext, or edited); load it with that version and save it again")
+    if digest != quantization_digest(format_version, modules, digests):
+        raise LayoutError(f"{where}: quantization_config was modified after saving (its digest "
+                          f"does not match its module entries and tensor digests); refusing a "
+                          f"checkpoint whose description may not match its tensors")
+    lq = {}
+    for key, is_float in lq_keys(modules, placeholders=True).items():
+        for p in prefixes:
+            if p + key in found:
+                lq[p + key] = is_float or key.endswith((".offset", ".scale2"))
+    for key in found:
+        if key in lq and key not in digests:
+            raise LayoutError(f"{where}: tensor {key!r} has no digest in quantization_config "
+                              f"(tensor added or config edited after saving)")
+    if read_tensor is None:
+        return
+    for key in found:
+        want = digests.get(key)
+        if want is None:
+            continue  # a tensor the writer did not list (not an LQ one: checked above)
+        t = read_tensor(key)
+        if tensor_digest(t) != want:
+            raise LayoutError(f"{where}: tensor {key!r} does not match its digest (bytes "
+                              f"changed after saving: corrupt or edited checkpoint)")
+        if lq.get(key):
+            check_finite(key, t, where)

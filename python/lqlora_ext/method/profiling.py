@@ -195,13 +195,15 @@ def read_cache(path: str, wanted: Sequence[str]) -> Dict[str, float]:
     return {k: float(v) for k, v in costs.items() if _valid_cost(v)}
 
 
-def cache_settings(w: Tensor, rank: int, seed: int, max_iters: int, tol: float,
-                   threads: Optional[int]) -> dict:
-    """Everything besides the tensors that a cached cost depends on (hashed into its key):
-    the decomposition settings and the numerics regime (device type; intra-op threads:
-    the count itself when ``threads`` is None, since the results then depend on it)."""
+def cache_settings(device: str, rank: int, seed: int, max_iters: int, tol: float,
+                   threads: Optional[int] = 1) -> dict:
+    """Everything besides the tensors that a cached cost depends on (hashed into its key;
+    every profiler of this cache, sharded or not, must use it): the decomposition settings
+    and the numerics regime (``device``: the type the decompositions run on, "cpu" or
+    "cuda"; intra-op threads: the count itself when ``threads`` is None, since the
+    results then depend on it)."""
     return {"v": PROFILE_VERSION, "rank": rank, "seed": seed, "max_iters": max_iters,
-            "tol": tol, "device": w.device.type,
+            "tol": tol, "device": torch.device(device).type,
             "threads": torch.get_num_threads() if threads is None else threads}
 
 
@@ -248,7 +250,7 @@ def profile_costs(weights: Dict[str, Tensor], configs: Sequence[QuantConfig], ra
         f = None if fishers is None else fishers[name]
         settings = {"seed": seed, "max_iters": max_iters, "tol": tol, "threads": threads}
         path = None if cache_dir is None else os.path.join(cache_dir, _key(
-            w, f, cache_settings(w, rank, seed, max_iters, tol, threads)) + ".json")
+            w, f, cache_settings(w.device.type, rank, seed, max_iters, tol, threads)) + ".json")
         cached = {} if path is None else read_cache(path, wanted)
         rows.append((name, path, cached, settings))
         for j, c in enumerate(configs):

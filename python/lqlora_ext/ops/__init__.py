@@ -48,7 +48,6 @@ def quantize(w: Tensor, levels: Tensor, bits: int, block_size: int, scale_bits: 
     return _ops.quantize(w, levels, bits, block_size, scale_bits, scale_block_size, scale_dtype)
 
 
-@torch.library.register_fake("lqlora::quantize")
 def _quantize_fake(w, levels, bits, block_size, scale_bits, scale_block_size, scale_dtype):
     _same_device("quantize", w=w, levels=levels)
     torch._check(w.dim() == 2, lambda: f"lqlora.quantize: weight must be 2-D, got {w.dim()}-D")
@@ -69,7 +68,6 @@ def unpack_scales(qscales: Tensor, scale2: Tensor, offset: Tensor, nblocks: int,
     return _ops.unpack_scales(qscales, scale2, offset, nblocks, scale_bits, scale_block_size)
 
 
-@torch.library.register_fake("lqlora::unpack_scales")
 def _unpack_scales_fake(qscales, scale2, offset, nblocks, scale_bits, scale_block_size):
     _same_device("unpack_scales", qscales=qscales, scale2=scale2, offset=offset)
     torch._check(qscales.numel() == _cdiv(nblocks, 32) * scale_bits,
@@ -86,7 +84,6 @@ def dequantize(qcodes: Tensor, qscales: Tensor, scale2: Tensor, offset: Tensor, 
                            scale_bits, scale_block_size, dtype)
 
 
-@torch.library.register_fake("lqlora::dequantize")
 def _dequantize_fake(qcodes, qscales, scale2, offset, levels, rows, cols, bits, block_size,
                      scale_bits, scale_block_size, dtype):
     _same_device("dequantize", qcodes=qcodes, qscales=qscales, scale2=scale2, offset=offset,
@@ -107,7 +104,6 @@ def qmatmul(x: Tensor, qcodes: Tensor, qscales: Tensor, scale2: Tensor, offset: 
                         scale_bits, scale_block_size, lora_a, lora_b, float(lora_scale))
 
 
-@torch.library.register_fake("lqlora::qmatmul")
 def _qmatmul_fake(x, qcodes, qscales, scale2, offset, levels, rows, bits, block_size,
                   scale_bits, scale_block_size, lora_a, lora_b, lora_scale):
     _same_device("qmatmul", x=x, qcodes=qcodes, qscales=qscales, scale2=scale2, offset=offset,
@@ -128,7 +124,6 @@ def qmatmul_t(g: Tensor, qcodes: Tensor, qscales: Tensor, scale2: Tensor, offset
                           scale_bits, scale_block_size)
 
 
-@torch.library.register_fake("lqlora::qmatmul_t")
 def _qmatmul_t_fake(g, qcodes, qscales, scale2, offset, levels, cols, bits, block_size,
                     scale_bits, scale_block_size):
     _same_device("qmatmul_t", g=g, qcodes=qcodes, qscales=qscales, scale2=scale2,
@@ -145,12 +140,21 @@ def _qmatmul_setup(ctx, inputs, output):
     ctx.save_for_backward(x, qcodes, qscales, scale2, offset, levels, a, b)
 
 
-def _qmatmul_backward(ctx, grad):
+def _qmatmul_backward_with(qmatmul_t_op):
+    """qmatmul's backward, with the input gradient through ``qmatmul_t_op`` of the same
+    operator namespace (lqlora, or lqlora_emu for the emulated CUDA kernels)."""
+    def backward(ctx, grad):
+        return _qmatmul_backward(ctx, grad, qmatmul_t_op)
+    return backward
+
+
+def _qmatmul_backward(ctx, grad, qmatmul_t_op):
     x, qcodes, qscales, scale2, offset, levels, a, b = ctx.saved_tensors
     cols, bits, bs, sbits, sbs, s = ctx.meta
     gx = ga = gb = None
     if ctx.needs_input_grad[0]:
-        gx = qmatmul_t(grad, qcodes, qscales, scale2, offset, levels, cols, bits, bs, sbits, sbs)
+        gx = qmatmul_t_op(grad, qcodes, qscales, scale2, offset, levels, cols, bits, bs, sbits,
+                          sbs)
     if a is not None:
         gb_proj = grad @ b.to(grad.dtype)                 # [M, r]
         if ctx.needs_input_grad[0]:
@@ -162,8 +166,6 @@ def _qmatmul_backward(ctx, grad):
     return gx, None, None, None, None, None, None, None, None, None, None, ga, gb, None
 
 
-torch.library.register_autograd("lqlora::qmatmul", _qmatmul_backward,
-                                setup_context=_qmatmul_setup)
 
 
 # --------------------------------------------------------------------------------- rsvd
@@ -178,9 +180,28 @@ def rsvd(a: Tensor, rank: int, oversample: int = 10, niter: int = 2, seed: int =
     return _ops.rsvd(a, rank, oversample, niter, seed, init)
 
 
-@torch.library.register_fake("lqlora::rsvd")
 def _rsvd_fake(a, rank, oversample, niter, seed, init):
     torch._check(a.dim() >= 2, lambda: "lqlora.rsvd: input must be [..., m, n]")
     *batch, m, n = a.shape
     return (a.new_empty((*batch, m, rank)), a.new_empty((*batch, rank)),
             a.new_empty((*batch, n, rank)))
+
+
+# ------------------------------------------------------------------------- registration
+_FAKES = {"quantize": _quantize_fake, "unpack_scales": _unpack_scales_fake,
+          "dequantize": _dequantize_fake, "qmatmul": _qmatmul_fake, "qmatmul_t": _qmatmul_t_fake,
+          "rsvd": _rsvd_fake}
+
+
+def register_python_parts(namespace: str) -> None:
+    """Fake kernels and qmatmul's autograd for the operators of ``namespace``: ``lqlora``
+    here, ``lqlora_emu`` (the same schemas, emulated CUDA kernels) from :mod:`.emu`."""
+    ops = getattr(torch.ops, namespace)
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+    torch.library.register_autograd(f"{namespace}::qmatmul",
+                                    _qmatmul_backward_with(ops.qmatmul_t),
+                                    setup_context=_qmatmul_setup)
+
+
+register_python_parts("lqlora")

@@ -1,0 +1,273 @@
+// qmatmul on tensor cores, 16-bit activations, 1 <= M <= kMmaMaxM: out[M, N] = x[M, K] @ W^T,
+// W [N, K] packed (docs/format.md), K % 32 == 0. Each weight is decoded once per block into
+// the B fragment of mma.sync.m16n8k16 (fp32 accumulation) and multiplied with every M tile, so
+// the decode cost no longer scales with M as it does in the CUDA-core kernel (~40 instructions
+// per weight and lane at M = 16 there, ~3.5 here).
+//
+// The k permutation. A dot product does not care in which order its k terms are summed, so
+// the 16 k-slots of each MMA may hold any 16 k indices, as long as A and B agree. Lane
+// (g = lane/4, t = lane%4) owns the 32-code group gq(t) = 4c + t of its chunk c (128 k per
+// chunk) for row n = 8j + g of n-tile j: one vector load per group, as in the decode kernel,
+// and the quad's 4 groups are 4*Bits*4 contiguous bytes of the row. MMA step s (0..7) of the
+// chunk maps
+//     slots 2t, 2t+1    -> k = 32*gq(t) + 4s + {0, 1}
+//     slots 2t+8, 2t+9  -> k = 32*gq(t) + 4s + {2, 3}
+// so that lane t's B registers are codes 4s..4s+3 of its own group (compile-time positions for
+// every bit width) and its A registers are x[m][32*gq(t) + 4s .. +3], 8 contiguous bytes, for
+// rows m = g and g + 8 of each 16-row M tile (two 16-byte loads cover two steps).
+//
+// Numerics: a B element is from_float<XT>(level[code] * ŝ) in fp32, i.e. exactly what
+// dequantize(dtype = x.dtype) produces, and the MMA accumulates in fp32: the result is x @
+// dequantize(W, x.dtype)^T with fp32 accumulation, the same numbers the large-M path (dequantize
+// + cuBLAS) computes, up to summation order.
+//
+// Tiling: MT16 M tiles of 16 rows (M <= 16 * MT16), NT n-tiles of 8 rows per warp (register
+// budget: NT * MT16 * 4 accumulators), WK warps per block splitting K (their partial sums meet
+// in shared memory once per block).
+#pragma once
+#include <type_traits>
+
+#include "common.cuh"
+#include "ptx.cuh"
+#include "lora.cuh"
+#include "qmatmul_kernels.cuh"
+
+namespace lqlora::cuda {
+
+constexpr int kMmaWarps = 4;  // warps per block along K (kMmaMinM, kMmaMaxM: launch.h)
+
+template <int MT16>
+struct MmaTraits {
+  static_assert(MT16 == 1 || MT16 == 2 || MT16 == 4 || MT16 == 8, "M tiles: 1, 2, 4 or 8");
+  static constexpr int NT = MT16 <= 2 ? 4 : (MT16 == 4 ? 2 : 1);  // n-tiles per warp
+  static constexpr int kRowsPerBlock = 8 * NT;
+};
+
+// Two XT values -> one 32-bit MMA operand register (lower k in the low half).
+template <typename XT>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t ua, ub;
+  if constexpr (std::is_same_v<XT, __nv_bfloat16>) {
+    ua = __bfloat16_as_ushort(__float2bfloat16_rn(lo));
+    ub = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
+  } else {
+    ua = __half_as_ushort(__float2half_rn(lo));
+    ub = __half_as_ushort(__float2half_rn(hi));
+  }
+  return ua | (ub << 16);
+}
+
+//   x      : XT [M, K] contiguous, 16-byte aligned     out: XT [M, N]
+//   qcodes : uint32 [N*K/32 * Bits], 16-byte aligned  (group of (n, q) = n*K/32 + q)
+//   sa, offset, levels, log2_b0: as qmatmul_fast_kernel
+//   lora   : the fused LoRA term (lora.cuh); its up-projection is a second, small MMA
+// Grid: lora.producers + ceil(N / (8*NT)) blocks of (32, WK) threads.
+template <int Bits, typename XT, int MT16>
+__global__ void __launch_bounds__(32 * kMmaWarps)
+    qmatmul_mma_kernel(const XT* __restrict__ x, int M, int K, int N,
+                       const uint32_t* __restrict__ qcodes, ScaleArgs sa,
+                       const float* __restrict__ offset, const float* __restrict__ levels,
+                       int log2_b0, LoraFused lora, XT* __restrict__ out) {
+  using Tr = MmaTraits<MT16>;
+  constexpr int NT = Tr::NT;
+  constexpr int kLevels = 1 << Bits;
+  __shared__ float lut[kLevels];
+  __shared__ float red[kMmaWarps - 1][NT][MT16][32][4];
+
+  const int lane = threadIdx.x, wk = threadIdx.y, WK = blockDim.y;
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = wk * 32 + lane; i < kLevels; i += 32 * WK) lut[i] = levels[i];
+  __syncthreads();
+  const int bid = static_cast<int>(blockIdx.x);
+  if (bid < lora.producers) {  // the LoRA down-projection (lora.cuh)
+    lora_produce(lora, x, M, K, bid);
+    return;
+  }
+
+  const int G = K >> 5;                                    // groups per row
+  const int chunks = ceil_div(G, 4);                       // 4 groups (128 k) per chunk
+  const int per_warp = ceil_div(chunks, WK);
+  const int c_begin = wk * per_warp, c_end = min(chunks, c_begin + per_warp);
+  const int n0 = (bid - lora.producers) * Tr::kRowsPerBlock;
+  const float o = offset[0];
+
+  int row_group[NT];  // first group of row n0 + 8j + g (rows past N clamp: never stored)
+#pragma unroll
+  for (int j = 0; j < NT; ++j) row_group[j] = min(n0 + 8 * j + g, N - 1) * G;
+
+  float acc[NT][MT16][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < MT16; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][i][e] = 0.f;
+
+  for (int c = c_begin; c < c_end; ++c) {
+    const int q = 4 * c + t;          // this lane's group along the row
+    const bool active = q < G;        // the last chunk of a row may have < 4 groups
+    const int qc = active ? q : 0;    // inactive lanes load a valid group, then zero it
+    uint32_t w[NT][Bits];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      load_group<Bits>(qcodes + static_cast<int64_t>(row_group[j] + qc) * Bits, w[j]);
+    float s_lo[NT], s_hi[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint32_t j0 = static_cast<uint32_t>(row_group[j] + qc) * 32u >> log2_b0;
+      s_lo[j] = active ? decode_scale(sa, o, j0) : 0.f;
+      // B0 = 16: the group's second half has its own scale (groups are full: it exists).
+      s_hi[j] = log2_b0 == 4 ? (active ? decode_scale(sa, o, j0 + 1) : 0.f) : s_lo[j];
+    }
+    const int64_t k0 = static_cast<int64_t>(qc) * 32;
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {  // quarter-groups: 8 codes = MMA steps 2h, 2h+1
+      // A: x[m][k0 + 8h .. +7] for the lane's two rows of every M tile (zero past M or G).
+      uint4 xa[MT16][2];
+#pragma unroll
+      for (int i = 0; i < MT16; ++i)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int m = 16 * i + g + 8 * r;
+          xa[i][r] = (active && m < M)
+                         ? *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K +
+                                                           k0 + 8 * h)
+                         : make_uint4(0u, 0u, 0u, 0u);
+        }
+      // B: levels of codes 8h..8h+7 of each n-tile's group, scaled, as XT pairs.
+      uint32_t b[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        float lv[8];
+        lookup8<Bits>(lut, w[j], h, lv);
+        const float s = h < 2 ? s_lo[j] : s_hi[j];
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          b[j][e] = pack2<XT>(__fmul_rn(lv[2 * e], s), __fmul_rn(lv[2 * e + 1], s));
+      }
+#pragma unroll
+      for (int st = 0; st < 2; ++st) {  // step 2h + st: codes 8h + 4st .. +3
+#pragma unroll
+        for (int i = 0; i < MT16; ++i) {
+          // a[0], a[2]: row g, k-slots (2t, 2t+1) and (2t+8, 2t+9); a[1], a[3]: row g + 8.
+          const uint32_t a[4] = {st ? xa[i][0].z : xa[i][0].x, st ? xa[i][1].z : xa[i][1].x,
+                                 st ? xa[i][0].w : xa[i][0].y, st ? xa[i][1].w : xa[i][1].y};
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const uint32_t bb[2] = {b[j][2 * st], b[j][2 * st + 1]};
+            ptx::mma_16816<XT>(acc[j][i], a, bb);
+          }
+        }
+      }
+    }
+  }
+
+  // Warps 1..WK-1 hand their partial sums to warp 0 (fixed order: deterministic).
+  if (wk > 0) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < MT16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[wk - 1][j][i][lane][e] = acc[j][i][e];
+  }
+  __syncthreads();
+  if (wk != 0) return;
+  for (int k = 1; k < WK; ++k)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < MT16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          acc[j][i][e] = __fadd_rn(acc[j][i][e], red[k - 1][j][i][lane][e]);
+
+  if (lora.producers > 0) {  // acc += scale * t @ b^T, on tensor cores (t rounded to XT)
+    if (lane == 0) lora_wait(lora);
+    __syncwarp();
+    float la[NT][MT16][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < MT16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) la[j][i][e] = 0.f;
+    auto tv = [&](int m, int jj) {
+      return m < M && jj < lora.rank ? __ldcg(lora.t + m * lora.rank + jj) : 0.f;
+    };
+    auto bv = [&](int n, int jj) {
+      return jj < lora.rank
+                 ? load_as_float(lora.b, lora.b_dtype, static_cast<int64_t>(n) * lora.rank + jj)
+                 : 0.f;
+    };
+    for (int s0 = 0; s0 < lora.rank; s0 += 16) {  // standard k order: slots 2t.. = s0 + 2t..
+      const int c0 = s0 + 2 * t, c8 = c0 + 8;
+      uint32_t b[NT][2];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int n = min(n0 + 8 * j + g, N - 1);
+        b[j][0] = pack2<XT>(bv(n, c0), bv(n, c0 + 1));
+        b[j][1] = pack2<XT>(bv(n, c8), bv(n, c8 + 1));
+      }
+#pragma unroll
+      for (int i = 0; i < MT16; ++i) {
+        const int m = 16 * i + g;
+        const uint32_t a[4] = {pack2<XT>(tv(m, c0), tv(m, c0 + 1)),
+                               pack2<XT>(tv(m + 8, c0), tv(m + 8, c0 + 1)),
+                               pack2<XT>(tv(m, c8), tv(m, c8 + 1)),
+                               pack2<XT>(tv(m + 8, c8), tv(m + 8, c8 + 1))};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) ptx::mma_16816<XT>(la[j][i], a, b[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < MT16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          acc[j][i][e] = __fadd_rn(acc[j][i][e], __fmul_rn(lora.scale, la[j][i][e]));
+  }
+
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < MT16; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = 16 * i + g + 8 * (e >> 1), n = n0 + 8 * j + 2 * t + (e & 1);
+        if (m >= M || n >= N) continue;
+        out[static_cast<int64_t>(m) * N + n] = from_float<XT>(acc[j][i][e]);
+      }
+}
+
+// The M-tile count for M rows, as a template argument.
+#define LQ_MMA_MT16_SWITCH(M, ...)                              \
+  [&]() -> cudaError_t {                                        \
+    if ((M) <= 16) { constexpr int kMT16 = 1; return __VA_ARGS__(); } \
+    if ((M) <= 32) { constexpr int kMT16 = 2; return __VA_ARGS__(); } \
+    if ((M) <= 64) { constexpr int kMT16 = 4; return __VA_ARGS__(); } \
+    constexpr int kMT16 = 8;                                    \
+    return __VA_ARGS__();                                       \
+  }()
+
+template <typename XT>
+cudaError_t launch_qmatmul_mma(const XT* x, int M, const PackedView& w, const LoraFused& la,
+                               XT* out, cudaStream_t stream) {
+  const int N = static_cast<int>(w.rows), K = static_cast<int>(w.cols);
+  const ScaleArgs sa =
+      make_scale_args(w.qscales, w.scale2, w.scale2_dtype, w.scale_bits, w.scale_block_size);
+  const int chunks = ceil_div(K / 32, 4);
+  const int WK = chunks >= 4 * kMmaWarps ? kMmaWarps : (chunks >= 8 ? 2 : 1);
+  const dim3 block(32, WK);
+  return LQ_CUDA_BITS_SWITCH(w.bits, [&] {
+    return LQ_MMA_MT16_SWITCH(M, [&] {
+      const int grid = la.producers + ceil_div(N, MmaTraits<kMT16>::kRowsPerBlock);
+      LQ_LAUNCH(grid, block, 0, stream, qmatmul_mma_kernel<kBits, XT, kMT16>)(
+          x, M, K, N, w.qcodes, sa, w.offset, w.levels, ilog2(w.block_size), la, out);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace lqlora::cuda
