@@ -43,6 +43,7 @@ _STRUCTURAL = {
     aten.empty_like.default, aten.zeros_like.default, aten.clone.default,
     aten._to_copy.default, aten._pin_memory.default, aten.cat.default,
 }
+_REQUIRES_GRAD_SET = Tensor.requires_grad.__set__
 _INPLACE = {aten.copy_.default, aten.zero_.default, aten.fill_.Scalar}
 
 
@@ -87,7 +88,15 @@ class PackedTensor(Tensor):
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         return PackedTensor(inner["_data"])
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Frozen by contract: model.requires_grad_(True) trains everything trainable and
+        # leaves the packed tensors as they are (int tensors could not require grad, and
+        # a float scale requiring grad would be up-cast as a "trainable" parameter).
+        if func is Tensor.requires_grad_ or func == _REQUIRES_GRAD_SET:
+            return args[0] if func is Tensor.requires_grad_ else None
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
