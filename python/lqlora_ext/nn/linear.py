@@ -150,10 +150,9 @@ class LQLinear(nn.Module):
         mine = self.layout_fingerprint()
         dev = self.qcodes.device
         world = dist.get_world_size(group)
-        out = torch.empty(world * len(mine), dtype=torch.int64, device=dev)
-        dist.all_gather_into_tensor(out, torch.tensor(mine, dtype=torch.int64, device=dev),
-                                    group=group)
-        rows = out.view(world, -1).tolist()
+        out = [torch.empty(len(mine), dtype=torch.int64, device=dev) for _ in range(world)]
+        dist.all_gather(out, torch.tensor(mine, dtype=torch.int64, device=dev), group=group)
+        rows = [t.tolist() for t in out]
         if any(r != rows[0] for r in rows):
             desc = "; ".join(f"rank {i}: {_describe_fingerprint(r)}" for i, r in enumerate(rows))
             raise ValueError(f"LQLinear [{self.out_features}x{self.in_features}]: the ranks of "
