@@ -210,29 +210,12 @@ def _worker(rank, world, port, d):
         dist.destroy_process_group()
 
 
-def _mixed_llama(configs):
-    """A tiny Llama whose layers cycle through ``configs`` (different bits, block sizes,
-    scale dtypes, hence packed lengths, inside each decoder layer): what the ILP gives,
-    without its cost profile."""
-    from lqlora_ext.integrations.hf_hook import attach_hf
-
-    m = tiny.quantized_llama(grid=[configs[0]], max_iters=2)
-    layers = [(n, lay) for n, lay in m.named_modules() if isinstance(lay, LQLinear)]
-    for i, (name, lay) in enumerate(layers):
-        cfg = configs[i % len(configs)]
-        if cfg != lay.quant_config:
-            parent, _, child = name.rpartition(".")
-            setattr(m.get_submodule(parent), child, lay.requantize(cfg, max_iters=2))
-    attach_hf(m)
-    return m
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp")
-    _mixed_llama(tiny.GRID).save_pretrained(d / "q")
+    tiny.mixed_llama(tiny.GRID).save_pretrained(d / "q")
     # Another quantization of the same model: other configs per layer.
-    _mixed_llama(tiny.GRID[::-1]).save_pretrained(d / "q_other")
+    tiny.mixed_llama(tiny.GRID[::-1]).save_pretrained(d / "q_other")
     return d
 
 
