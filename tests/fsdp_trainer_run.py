@@ -1,13 +1,15 @@
 """An unmodified ``transformers.Trainer`` on an LQ-LoRA model, launched by torchrun on CPU
 processes (tests/test_fsdp_trainer.py runs it):
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/fsdp_trainer_run.py \\
-        MODEL_DIR OUT_DIR {fsdp2,ddp}
+    python -m torch.distributed.run --nproc-per-node 2 tests/fsdp_trainer_run.py MODEL_DIR OUT
 
-``fsdp2``: accelerate's FSDP2 configuration (``fsdp_config={"fsdp_version": 2, ...}``,
-sharded state dicts), a Trainer checkpoint after step 2 and a second Trainer that resumes
-from it; the HF export goes through ``lqlora_ext.distributed.fsdp.save_pretrained``.
-``ddp``: the same run without FSDP (the reference). Rank 0 writes OUT_DIR/result.json.
+Four Trainer runs of 3 steps in turn (one launch: process start-up dominates on CPU):
+``ddp`` (the reference: no FSDP, Q replicated); ``fsdp2``: accelerate's FSDP2
+configuration (``fsdp_config={"fsdp_version": 2, ...}``, sharded state dicts, a Trainer
+checkpoint every 2 steps); the same resumed from its step-2 checkpoint; ``fsdp2-bf16``: bf16
+mixed precision with ``cpu_ram_efficient_loading`` (the model goes through the meta device
+and is re-loaded from rank 0), exported with ``lqlora_ext.distributed.fsdp.save_pretrained``
+to OUT/final. Rank 0 writes OUT/result.json.
 
 accelerate (1.15) enables FSDP only on accelerator devices: on a CPU world it silently
 falls back to DDP. ``_cpu_fsdp`` applies accelerate's own FSDP branch of
@@ -60,10 +62,13 @@ def trainer(model_dir, out, mode, max_steps):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     kw = {}
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         kw = dict(fsdp=True, fsdp_config={
             "fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
             "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"})
+    if mode == "fsdp2-bf16":  # mixed precision, and the model loaded through the meta device
+        kw["bf16"] = True
+        kw["fsdp_config"]["cpu_ram_efficient_loading"] = True
     args = transformers.TrainingArguments(
         output_dir=out, per_device_train_batch_size=2, max_steps=max_steps,
         learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="steps",
@@ -72,26 +77,32 @@ def trainer(model_dir, out, mode, max_steps):
     return transformers.Trainer(model=model, args=args, train_dataset=Sequences())
 
 
-def main(model_dir, out, mode):
-    torch.set_num_threads(1)
-    if mode == "fsdp2":
-        _cpu_fsdp()
+def _run(model_dir, out, mode, resume=None):
     from lqlora_ext.distributed import fsdp as lqf
 
-    rank = int(os.environ.get("RANK", "0"))
     tr = trainer(model_dir, out, mode, 3)
-    tr.train()
-    res = {"losses": [h["loss"] for h in tr.state.log_history if "loss" in h],
-           "model_class": type(tr.model).__name__, "bytes": lqf.local_bytes(tr.model)}
-    if mode == "fsdp2":
-        lqf.save_pretrained(tr.model, os.path.join(out, "final"))
-        again = trainer(model_dir, out, mode, 3)
-        again.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
-        res["resumed_losses"] = [h["loss"] for h in again.state.log_history if "loss" in h]
-    if rank == 0:
+    tr.train(resume_from_checkpoint=resume)
+    losses = {h["step"]: h["loss"] for h in tr.state.log_history if "loss" in h}
+    return tr, {"losses": [losses[k] for k in sorted(losses)],
+                "model_class": type(tr.model).__name__, "bytes": lqf.local_bytes(tr.model)}
+
+
+def main(model_dir, out):
+    torch.set_num_threads(1)
+    _cpu_fsdp()
+    from lqlora_ext.distributed import fsdp as lqf
+
+    res = {}
+    _, res["ddp"] = _run(model_dir, os.path.join(out, "ddp"), "ddp")
+    _, res["fsdp2"] = _run(model_dir, os.path.join(out, "fsdp2"), "fsdp2")
+    _, res["resumed"] = _run(model_dir, os.path.join(out, "fsdp2"), "fsdp2",
+                             resume=os.path.join(out, "fsdp2", "checkpoint-2"))
+    tr, res["fsdp2_bf16"] = _run(model_dir, os.path.join(out, "bf16"), "fsdp2-bf16")
+    lqf.save_pretrained(tr.model, os.path.join(out, "final"))
+    if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(res, f)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:3])
