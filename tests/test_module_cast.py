@@ -164,3 +164,21 @@ def test_hf_model_casts_keep_packed_tensors_and_save_load_round_trip(tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     _assert_bit_identical(before, _packed(mod for n, mod in back.named_modules()
                                           if isinstance(mod, LQLinear)))
+
+
+def test_data_assignment_and_loader_reconstruction_keep_the_storage_contract():
+    from accelerate.utils import set_module_tensor_to_device
+
+    lay = _model()[0]
+    codes = lay.qcodes.detach().clone()
+    lay.qcodes.data = codes + 1              # replaces the storage, not only the wrapper
+    assert torch.equal(lay.qcodes, codes + 1)
+    with pytest.raises(TypeError, match="cannot replace torch.int32"):
+        lay.qcodes.data = codes.float()
+    # accelerate re-creates parameters as type(p)(value, requires_grad=...)
+    set_module_tensor_to_device(lay, "qcodes", "cpu", value=codes)
+    set_module_tensor_to_device(lay, "scale2", "cpu", value=lay.scale2.detach().clone())
+    assert torch.equal(lay.qcodes, codes) and isinstance(lay.qcodes, nn.Parameter)
+    assert lay.scale2.dtype == torch.bfloat16 and not lay.scale2.requires_grad
+    y = lay(torch.randn(2, lay.in_features))
+    assert torch.isfinite(y).all()

@@ -21,10 +21,9 @@ Every function here is collective (all ranks call it) unless it says otherwise.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn

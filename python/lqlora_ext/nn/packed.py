@@ -44,6 +44,7 @@ _STRUCTURAL = {
     aten._to_copy.default, aten._pin_memory.default, aten.cat.default,
 }
 _REQUIRES_GRAD_SET = Tensor.requires_grad.__set__
+_DATA_SET = Tensor.data.__set__
 _INPLACE = {aten.copy_.default, aten.zero_.default, aten.fill_.Scalar}
 
 
@@ -57,9 +58,10 @@ class PackedTensor(Tensor):
     _data: Tensor
 
     @staticmethod
-    def __new__(cls, data: Tensor, requires_grad: bool = False, **_ignored):
-        # **_ignored: loaders re-create parameters as type(p)(value, requires_grad=...,
-        # **p.__dict__) (accelerate's set_module_tensor_to_device).
+    def __new__(cls, data: Tensor, requires_grad: Optional[bool] = None, **_ignored):
+        # Loaders re-create parameters the nn.Parameter way, type(p)(value,
+        # requires_grad=..., **p.__dict__) (accelerate's set_module_tensor_to_device): that
+        # call gives a (frozen) parameter; structural ops give plain PackedTensors.
         if isinstance(data, PackedTensor):
             data = data._data
         if not isinstance(data, Tensor):
@@ -69,6 +71,8 @@ class PackedTensor(Tensor):
                                           dtype=data.dtype, device=data.device,
                                           requires_grad=False)
         r._data = data
+        if requires_grad is not None:
+            r._is_param = True
         return r
 
     def __init__(self, *args, **kwargs):
@@ -95,6 +99,8 @@ class PackedTensor(Tensor):
         # a float scale requiring grad would be up-cast as a "trainable" parameter).
         if func is Tensor.requires_grad_ or func == _REQUIRES_GRAD_SET:
             return args[0] if func is Tensor.requires_grad_ else None
+        if func == _DATA_SET:  # `p.data = t` would otherwise change only the wrapper
+            return _set_data(args[0], args[1])
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
@@ -139,6 +145,17 @@ class PackedTensor(Tensor):
         if out is not None:  # FSDP2 re-uses the first call's output storage
             return
         return t, (t,)
+
+
+def _set_data(p: "PackedTensor", t: Tensor) -> None:
+    new = unwrap(t).detach()
+    if (new.dtype, new.shape, new.device, new.stride()) != (p.dtype, p.shape, p.device,
+                                                           p.stride()):
+        raise TypeError(f"PackedTensor.data: cannot replace {p.dtype} {list(p.shape)} on "
+                        f"{p.device} by {new.dtype} {list(new.shape)} on {new.device} (packed "
+                        f"tensors keep their dtype and length; assign the whole parameter, "
+                        f"e.g. load_state_dict, or move the module with .to(device))")
+    p._data = new
 
 
 def unwrap(t: Optional[Tensor]) -> Optional[Tensor]:
