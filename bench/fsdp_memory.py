@@ -5,9 +5,11 @@ nothing downloaded) is quantized once (``--prepare``, cached in ``--work``) and 
 ``torch.distributed.checkpoint`` (lqlora_ext.distributed.fsdp.save_sharded, one process).
 Then, for each world size in ``--ranks``, torchrun starts that many processes; each builds
 the model on the meta device with LQLinear skeletons, shards it with
-``lqlora_ext.distributed.fsdp.shard_model`` (FSDP2, one unit per decoder layer), allocates
+``lqlora_ext.distributed.fsdp.shard_model`` (FSDP2: one unit per decoder layer, the
+embedding and the LM head units of their own), allocates
 only its own shards (``to_empty``) and loads them from the checkpoint (``load_sharded``:
 the 1-process checkpoint is resharded on load), so no rank ever holds the whole model.
+One rank is the unsharded baseline: the same model and loading path without FSDP.
 Each rank reports:
 
 - its tensor bytes (exact accounting, ``local_bytes``): LQ packed tensors (codes, scale
@@ -114,7 +116,8 @@ def worker(args):
     rss_start = sampler.rss()
     with RSSSampler() as load_peak:
         model = _build(args, cfg, modules)
-        lqf.shard_model(model)
+        if world > 1:  # one rank is the unsharded baseline (FSDP would add a gathered copy)
+            lqf.shard_model(model)
         model.to_empty(device="cpu")
         # Non-persistent buffers are not in any checkpoint: recompute the rotary table.
         model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)

@@ -127,6 +127,23 @@ def _worker(rank, world, port, d):
                            and torch.equal(_bits(got[k]), _bits(ref[k])) for k in ref}
         _unshard_all(m, False)
 
+        # 1b. code words whose bits read as NaN if viewed as floats (signalling, quiet,
+        # negative, payloads), in every layer: FSDP must move them as integers
+        m0 = _load(q)
+        nan_bits = torch.tensor([0x7FA00001, 0x7FC00000, -0x3FFFFF, 0x7F800001, 0x7FFFFFFF],
+                                dtype=torch.int32)
+        for lay in m0.modules():
+            if isinstance(lay, LQLinear):
+                with torch.no_grad():
+                    lay.qcodes[:5] = nan_bits
+                    lay.qcodes[-5:] = nan_bits
+        ref0 = _packed(m0)
+        lqf.shard_model(m0)
+        _unshard_all(m0, True)
+        got0 = _packed(m0)
+        res["nan_bits_exact"] = all(torch.equal(got0[k], ref0[k]) for k in ref0)
+        del m0
+
         # 2. fp32 training
         res["fp32"], _ = _train(m, STEPS, rank, world)
 
@@ -183,7 +200,7 @@ def _worker(rank, world, port, d):
         res["full_sd_empty_off_rank0"] = rank == 0 or sd == {}
 
         # 7. Fisher of a sharded dense model (5 sequences: the last group is ragged)
-        dense = tiny.llama()
+        dense = tiny.llama(tie_word_embeddings=True)  # tied: embedding + head in one unit
         lqf.shard_model(dense)
         fisher = estimate_fisher(dense, tiny.tokens(5, 16, seed=7), progress=False)
         res["fisher_local_fraction"] = sum(f.to_local().numel() for f in fisher.values()) / \
@@ -235,6 +252,7 @@ def test_packed_tensors_are_sharded_and_all_gather_bit_identical(run):
     for r in res:
         assert r["sharded"]
         assert r["bitexact"] and all(r["bitexact"].values()), r["bitexact"]
+        assert r["nan_bits_exact"]  # no NaN canonicalization of packed bits
         b = r["bytes"]
         # Each rank holds half of every packed tensor: ceil(n/2) or floor(n/2) elements of
         # each of the 14 layers' 4 tensors (at most 4 bytes each).
@@ -332,7 +350,8 @@ def test_fisher_of_sharded_model_equals_single_process(run):
     from lqlora_ext import estimate_fisher
 
     d, res = run
-    ref = estimate_fisher(tiny.llama(), tiny.tokens(5, 16, seed=7), progress=False)
+    ref = estimate_fisher(tiny.llama(tie_word_embeddings=True), tiny.tokens(5, 16, seed=7),
+                          progress=False)
     got = torch.load(d / "fisher.pt")
     assert got.keys() == ref.keys() and len(ref) == 14
     for k in ref:

@@ -120,7 +120,8 @@ def decoder_layers(model: nn.Module,
 def shard_model(model: nn.Module, *, mesh=None, layer_cls=None, mp_policy=None,
                 reshard_after_forward: bool = True, offload_policy=None) -> nn.Module:
     """FSDP2 over ``model`` in place: :func:`check_layout`, then ``fully_shard`` on every
-    decoder layer (see :func:`decoder_layers`) and on the root, with the given
+    decoder layer (see :func:`decoder_layers`), on the input embedding and the output head
+    (units of their own), and on the root, with the given
     ``mesh`` (default: all ranks, this process's device type), ``mp_policy``
     (a ``MixedPrecisionPolicy``; it never casts the packed tensors), ``reshard_after_forward``
     and ``offload_policy``. Returns the model (now an ``FSDPModule``).
@@ -142,8 +143,28 @@ def shard_model(model: nn.Module, *, mesh=None, layer_cls=None, mp_policy=None,
         kw["offload_policy"] = offload_policy
     for layer in decoder_layers(model, layer_cls):
         fully_shard(layer, **kw)
+    for unit, reshard in _embedding_units(model):
+        fully_shard(unit, **{**kw, "reshard_after_forward": reshard and reshard_after_forward})
     fully_shard(model, **kw)
     return model
+
+
+def _embedding_units(model: nn.Module):
+    """The input embedding and the output head as FSDP units of their own (as accelerate
+    does): in the root unit they would be all-gathered for the whole forward, i.e. the
+    full vocabulary matrices on every rank. Tied ones form one unit. The head is kept
+    gathered from its forward to its backward, which follow each other."""
+    from torch.distributed.fsdp import FSDPModule
+
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    units = [m for m in (emb, head) if isinstance(m, nn.Module) and not isinstance(m, FSDPModule)
+             and any(True for _ in m.parameters())]
+    if len(units) == 2 and getattr(emb, "weight", None) is getattr(head, "weight", 0):
+        return [(units, False)]
+    return [(m, m is not head) for m in units]
 
 
 def local_bytes(model: nn.Module) -> Dict[str, int]:
