@@ -222,6 +222,8 @@ def main():
     meta = {"date": time.strftime("%Y-%m-%d"), "device": "cpu",
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(),
+            "transformers": __import__("transformers").__version__,
+            "lqlora_ext": __import__("lqlora_ext").__version__,
             "command": " ".join(["python", "bench/fsdp_memory.py"] + sys.argv[1:]),
             "model": args.model, "bits": args.bits, "lora_rank": args.rank,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps}

@@ -163,7 +163,9 @@ def estimate_fisher(model: nn.Module, batches: Iterable,
             w.grad = None
         model.eval()
         total = _count_sequences(batches)
-        bar = tqdm(total=total, disable=not progress, desc="Fisher", unit="seq")
+        main_rank = not sharded or torch.distributed.get_rank() == 0  # one bar per job
+        bar = tqdm(total=total, disable=not progress or not main_rank, desc="Fisher",
+                   unit="seq")
         with torch.enable_grad(), bar:
             source = [batches] if isinstance(batches, Tensor) else batches
             if sharded:
