@@ -6,7 +6,7 @@ parameter (per-rank memory of the frozen part ~1/N), layers of different configs
 lengths in one FSDP unit, and all-gathers them bit-identically: int32 codes and scales in
 their own dtypes, never cast by a ``MixedPrecisionPolicy`` (see nn/packed.py). A plain
 ``fully_shard`` per decoder layer (by hand, by accelerate, by the HF Trainer) therefore
-works; the helpers here add what FSDP2 cannot know:
+works; the functions here add what FSDP2 cannot know:
 
 - :func:`shard_model`: ``fully_shard`` per decoder layer and on the root, after checking
   that every rank holds the same quantization (:func:`check_layout`).
