@@ -74,7 +74,7 @@ def run(name: str, launcher: list, threads: int, model: str, work: str, args) ->
                 break
         end = (time.time(), cached_costs(cache))
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # its own session: torchrun and its workers
+            os.killpg(proc.pid, signal.SIGTERM)  # torchrun and its workers: one process group
             proc.wait()
         elif proc.returncode != 0:
             raise SystemExit(f"{name}: {' '.join(cmd)} failed; see {out}.log")

@@ -182,8 +182,15 @@ def check_checkpoint_files(files, qc: LQLoRAQuantizationConfig, prefixes=("",)) 
 def hf_state_dict(model: nn.Module, qc: LQLoRAQuantizationConfig) -> Dict[str, torch.Tensor]:
     """The state dict save_pretrained writes for an lqlora model: the model's own plus the
     placeholders and the hint; fills ``qc.modules`` from the model and ``qc.digests``.
-    Refuses non-finite adapters or scales (such a model would not load back)."""
+    Refuses non-finite adapters or scales (such a model would not load back), and a
+    model sharded by FSDP2, whose state dict holds only this rank's shards."""
     sd = dict(model.state_dict())
+    sharded = next((k for k, t in sd.items() if _is_dtensor(t)), None)
+    if sharded is not None:
+        raise ValueError(f"save_pretrained: {sharded!r} is a DTensor (the model is sharded by "
+                         f"FSDP2; each rank holds only its shards); save it with "
+                         f"lqlora_ext.distributed.fsdp.save_pretrained(model, path), which "
+                         f"gathers the full tensors first")
     qc.modules = validate_modules({n: _module_entry(m) for n, m in model.named_modules()
                                    if isinstance(m, LQLinear)}, "save_pretrained")
     for key, is_float in lq_keys(qc.modules).items():
@@ -198,6 +205,14 @@ def hf_state_dict(model: nn.Module, qc: LQLoRAQuantizationConfig) -> Dict[str, t
     sd[HINT_KEY] = placeholder_tensor()
     qc.digests = {k: tensor_digest(t) for k, t in sd.items()}
     return sd
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def install_skeletons(model: nn.Module, modules: Dict[str, dict]) -> None:

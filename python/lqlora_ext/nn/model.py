@@ -150,6 +150,20 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _refuse_sharded(targets: Dict[str, nn.Linear]) -> None:
+    """FSDP2 cannot swap a module inside a unit it already manages; the order that works is
+    quantize first, then shard (LQLinear's packed tensors are FSDP2-shardable parameters)."""
+    from .packed import is_sharded
+
+    for name, lin in targets.items():
+        if is_sharded(lin.weight):
+            raise ValueError(f"quantize_model: the model is already sharded (fully_shard / "
+                             f"FSDP2: {name}.weight is a DTensor shard); quantize the "
+                             f"unsharded model first, then shard it (lqlora_ext.distributed."
+                             f"fsdp.shard_model): LQLinear's packed tensors shard like any "
+                             f"parameter")
+
+
 def quantize_model(model: nn.Module, config: LQLoRAConfig,
                    calibration: Optional[Iterable[Tensor]] = None) -> AllocationReport:
     """Replace every targeted ``nn.Linear`` of ``model`` (in place) by an :class:`LQLinear`
@@ -178,6 +192,7 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
                          f"{config.budget_bits!r}")
     grid = _resolve_grid(config.grid)
     targets = select_linear_modules(model, config.target_modules)
+    _refuse_sharded(targets)
     from ..method.decomposition import first_non_finite
     for name, lin in targets.items():
         bad = None if lin.weight.device.type == "meta" else first_non_finite(lin.weight.detach())
