@@ -192,7 +192,14 @@ def _worker(rank, world, port, d):
         res["dcp_extra"] = lqf.load_sharded(os.path.join(d, "ckpt"), m2, opt2)
         res["dcp_resumed"], _ = _train(m2, 2, rank, world, first=2, opt=opt2)
 
-        # 6. full save_pretrained from rank 0
+        # 6. full save_pretrained from rank 0 (the model's own would write rank shards)
+        try:
+            m2.save_pretrained(os.path.join(d, f"plain{rank}"))
+            res["plain_save_sharded"] = "no error"
+        except ValueError as e:
+            res["plain_save_sharded"] = str(e)
+        res["plain_save_left_nothing"] = not os.path.exists(os.path.join(d, f"plain{rank}")) \
+            or os.listdir(os.path.join(d, f"plain{rank}")) == []
         lqf.save_pretrained(m2, os.path.join(d, "full"))
         sd = lqf.full_state_dict(m2)
         if rank == 0:
@@ -359,6 +366,16 @@ def test_fisher_of_sharded_model_equals_single_process(run):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6 * float(ref[k].max()))
     for r in res:
         assert 0.5 <= r["fisher_local_fraction"] <= 0.52  # each rank accumulates its shard
+
+
+def test_plain_save_pretrained_of_a_sharded_model_is_refused(run):
+    # Each rank would write only its shards under the full names: a checkpoint that loads
+    # wrong. The refusal names the way that gathers first.
+    _, res = run
+    for r in res:
+        assert "is a DTensor" in r["plain_save_sharded"], r["plain_save_sharded"]
+        assert "lqlora_ext.distributed.fsdp.save_pretrained" in r["plain_save_sharded"]
+        assert r["plain_save_left_nothing"]
 
 
 def test_quantize_model_after_fully_shard_is_refused(run):

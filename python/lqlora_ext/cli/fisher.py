@@ -16,6 +16,7 @@ def cmd_fisher(args) -> int:
     from ..io.streaming import CheckpointDir, CheckpointError
     from ..method.fisher import estimate_fisher
     from ..method.targets import select_linear_modules
+    from . import validate as V
     from .commands import _texts
     from .data import token_batches
 
@@ -28,14 +29,14 @@ def cmd_fisher(args) -> int:
         src = CheckpointDir(args.model)
     except CheckpointError as e:
         raise SystemExit(f"lqlora fisher: {e}") from None
+    V.out_dir(args.out, args.overwrite, protect=[args.model])  # before the model loads
+    calib_text = V.text_file(args.calibration, "--calibration")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32,
              "float16": torch.float16}[args.dtype]
     print(f"loading {args.model} ({args.dtype})", flush=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
-    if args.calibration and not os.path.isfile(args.calibration):
-        raise SystemExit(f"lqlora fisher: calibration file {args.calibration} not found")
-    text = _texts(args.calibration)[0]
+    text = _texts(calib_text)[0]
     batches = token_batches(tok, text, args.seq_len, args.calib_seqs)
     targets = select_linear_modules(model, "all-linear")
     fishers = estimate_fisher(model, batches, target_modules=list(targets))
@@ -47,7 +48,7 @@ def cmd_fisher(args) -> int:
             raise SystemExit(f"lqlora fisher: {args.model} has no tensor for {name}.weight")
         by_key[key] = f
     del model
-    save_fisher(by_key, args.out, src, info={
+    save_fisher(by_key, args.out, src, overwrite=args.overwrite, info={
         "sequences": sum(b.shape[0] for b in batches), "seq_len": args.seq_len,
         "model_dtype": args.dtype, "calibration": args.calibration or "stdlib docstrings",
         "target_modules": "all-linear"})

@@ -59,7 +59,7 @@ def cmd_quantize_stream(args) -> int:
             summary = quantize_checkpoint(args.model, out, cfg, fisher_dir=args.fisher_dir,
                                           device=args.device, world=world,
                                           max_shard_bytes=parse_size(args.max_shard_size),
-                                          log=log)
+                                          log=log, overwrite=args.overwrite)
         except (CheckpointError, ValueError) as e:
             raise SystemExit(f"lqlora quantize: {e}") from None
         if world.is_main and args.eval:

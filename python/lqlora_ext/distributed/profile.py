@@ -15,7 +15,6 @@ back into ``<key>.json``.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -24,19 +23,14 @@ from torch import Tensor
 
 from ..formats import QuantConfig
 from ..method.decomposition import decompose
-from ..method.profiling import PROFILE_VERSION, _atomic_write_json, _key
+from ..method.profiling import _atomic_write_json, _key, cache_settings, read_cache
 from .env import World, assign, contiguous_chunks
 
 
-def _read_costs(path: str) -> Dict[str, float]:
-    try:
-        with open(path) as fh:
-            c = json.load(fh)["costs"]
-        if isinstance(c, dict) and all(isinstance(v, (int, float)) for v in c.values()):
-            return {str(k): float(v) for k, v in c.items()}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # a torn or foreign file: recompute its entries
-    return {}
+def _read_costs(path: str, wanted=()) -> Dict[str, float]:
+    # The single-process reader's rules: a torn file or an entry that is not a finite
+    # cost >= 0 is named in a warning and recomputed.
+    return read_cache(path, wanted)
 
 
 def _write_costs(path: str, name: str, costs: Dict[str, float]) -> None:
@@ -61,10 +55,10 @@ def profile_costs_sharded(world: World, names: Sequence[str], numels: Sequence[i
 
     configs = list(configs)
     n, k = len(names), len(configs)
-    settings = {"v": PROFILE_VERSION, "rank": rank, "seed": seed, "max_iters": max_iters,
-                "tol": tol}
-    if not str(device).startswith("cpu"):
-        settings["device"] = torch.device(device).type  # other numerics: other costs
+    # The single-process profiler's key (numerics regime included: device, one thread), so
+    # both read and extend the same cache.
+    settings = cache_settings(device, rank, seed, max_iters, tol, threads=1)
+    wanted = [c.name for c in configs]
 
     def get(i):
         w = load(i)
@@ -84,9 +78,9 @@ def profile_costs_sharded(world: World, names: Sequence[str], numels: Sequence[i
     known: List[Dict[str, float]] = [{} for _ in range(n)]
     if cache_dir is not None and world.is_main:
         for i, key in enumerate(keys):
-            known[i] = _read_costs(os.path.join(cache_dir, key + ".json"))
+            known[i] = _read_costs(os.path.join(cache_dir, key + ".json"), wanted)
             for frag in sorted(glob.glob(os.path.join(cache_dir, key + ".r*.json"))):
-                known[i].update(_read_costs(frag))
+                known[i].update(_read_costs(frag, wanted))
     known = world.broadcast(known)
     tasks = [(i, j) for i in range(n) for j, c in enumerate(configs) if c.name not in known[i]]
     total = n * k

@@ -30,9 +30,12 @@ FISHER_MANIFEST = "fisher.json"
 
 
 def save_fisher(fishers: Dict[str, torch.Tensor], out: str, source: CheckpointDir,
-                info: Optional[dict] = None, max_shard_bytes: int = 4 << 30) -> None:
+                info: Optional[dict] = None, max_shard_bytes: int = 4 << 30,
+                overwrite: bool = False) -> None:
     """Write ``{checkpoint weight key: fp32 Fisher}`` to the directory ``out``
-    (atomically), fingerprinting each key's weight in ``source``."""
+    (atomically, with :func:`~lqlora_ext.io.atomic.atomic_dir`'s refusals: never the
+    model's directory, never a user's non-empty one unless ``overwrite``),
+    fingerprinting each key's weight in ``source``."""
     keys = list(fishers)
     for k in keys:
         w = source.info(k)
@@ -41,7 +44,7 @@ def save_fisher(fishers: Dict[str, torch.Tensor], out: str, source: CheckpointDi
                              f"weight is {w.shape}")
     shard = pack_shards([fishers[k].numel() * 4 for k in keys], max_shard_bytes)
     names = shard_names(max(shard) + 1 if shard else 1, "fisher")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, protect=[source.path], who="save_fisher") as tmp:
         tensors = {}
         for s, fname in enumerate(names):
             entries = [Entry(k, torch.float32, tuple(fishers[k].shape),

@@ -13,7 +13,11 @@ Work directory ``.<out>.partial`` (a sibling of ``out``; on a filesystem every r
 - ``allocation.json``: the ILP's choice once made (profiling is not repeated);
 - ``parts/<i>.safetensors`` and ``results/<i>.json``: matrix ``i``'s Q/L1/L2 and errors;
 - ``final/``: the output shards, each written whole once its matrices are done; with the
-  index, config and report it becomes ``out`` by one rename.
+  index, config and report it becomes ``out``'s content the way every lqlora save does
+  (:mod:`lqlora_ext.io.atomic`: by one rename or exchange, never removing a user's files;
+  ``out`` is checked before any work). Like ``save_pretrained`` of a quantized model, the
+  output holds each LQLinear's placeholder ``weight``, the hint tensor, and the tensor and
+  config digests (:mod:`lqlora_ext.io.layout`).
 
 Every file appears by an atomic rename, so a run killed at any point (``kill -9``) and
 started again continues where it stopped and writes the same bytes. Output shard layout
@@ -35,12 +39,15 @@ from ..distributed.env import World, assign
 from ..formats import FORMAT_VERSION, QuantConfig, packed_sizes
 from ..method.decomposition import decompose
 from ..nn.model import AllocationReport, LQLoRAConfig, MatrixReport, _resolve_grid
+from .atomic import check_output_dir, commit_prepared
 from .fisher_store import FisherDir
+from .layout import (HINT_KEY, PLACEHOLDER, PLACEHOLDER_DTYPE, PLACEHOLDER_SHAPE, file_digests,
+                     hf_quantization_config, placeholder_tensor)
 from .streaming import (SAFE_INDEX, CheckpointDir, CheckpointError, Entry, atomic_write_json,
                         is_complete, pack_shards, read_header, shard_names,
                         write_safetensors)
 
-JOB_VERSION = 1
+JOB_VERSION = 2  # 2: placeholders, hint tensor and digests in the output
 REPORT = "report.json"
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
 
@@ -107,7 +114,7 @@ def _phase(world: World, fn: Callable[[], object]):
 def quantize_checkpoint(model_dir: str, out: str, config: LQLoRAConfig, *,
                         fisher_dir: Optional[str] = None, device: str = "cpu",
                         world: Optional[World] = None, max_shard_bytes: int = 2 << 30,
-                        log: Callable[[str], None] = print) -> dict:
+                        log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
     """Quantize the checkpoint directory ``model_dir`` into the Hugging Face directory
     ``out`` (read by ``from_pretrained`` with quant_method "lqlora" and by
     :func:`~lqlora_ext.load_quantized`), tensor by tensor, resumably. See the module
@@ -117,7 +124,9 @@ def quantize_checkpoint(model_dir: str, out: str, config: LQLoRAConfig, *,
     ``fisher_dir``, written by ``lqlora fisher``; ``workers`` is unused: parallelism is the
     world's ranks). device: where weights are decomposed (``cpu``, ``cuda``). world: the
     process group (:func:`lqlora_ext.distributed.env.init`; default one process).
-    Returns the report dict (also ``out/report.json``) on every rank.
+    overwrite: allow an ``out`` that is a non-empty directory other than an lqlora output
+    (only files of the same names are replaced). Returns the report dict (also
+    ``out/report.json``) on every rank.
     """
     world = world or World()
     say = log if world.is_main else (lambda *_: None)
@@ -133,6 +142,8 @@ def quantize_checkpoint(model_dir: str, out: str, config: LQLoRAConfig, *,
                          "directory (make one with `lqlora fisher --model DIR --out FISHER`, "
                          "pass --fisher-dir FISHER) or --no-fisher")
     grid = _resolve_grid(config.grid)
+    # Before any work: never the input model, never a user's non-empty directory.
+    check_output_dir(out, overwrite=overwrite, protect=[model_dir], who="quantize: --out")
     src = CheckpointDir(model_dir)
     from ..method.targets import select_linear_modules
 
@@ -240,6 +251,8 @@ def quantize_checkpoint(model_dir: str, out: str, config: LQLoRAConfig, *,
                                       config.rank), i))
         else:
             units.append(([Entry(key, info.torch_dtype, info.shape, None)], None))
+    units.append(([Entry(HINT_KEY, PLACEHOLDER_DTYPE, PLACEHOLDER_SHAPE, placeholder_tensor())],
+                  None))
     shard_of = pack_shards([sum(e.nbytes for e in es) for es, _ in units], max_shard_bytes)
     files = shard_names(max(shard_of) + 1)
     paths = [os.path.join(work, "final", f) for f in files]
@@ -283,6 +296,7 @@ def quantize_checkpoint(model_dir: str, out: str, config: LQLoRAConfig, *,
             for (es, i), us in zip(units, shard_of):
                 if us == s:
                     entries += [Entry(e.key, e.dtype, e.shape,
+                                      e.source if e.source is not None else
                                       _raw_source(src, e.key) if i is None else
                                       _part_source(part(i), e.key)) for e in es]
             write_safetensors(path, entries, metadata={"format": "pt"})
@@ -303,11 +317,13 @@ def quantize_checkpoint(model_dir: str, out: str, config: LQLoRAConfig, *,
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
                           indent=2, sort_keys=True)
         cfg = dict(src.config)
-        cfg["quantization_config"] = {
-            "quant_method": "lqlora", "format_version": FORMAT_VERSION, "freeze_base": True,
-            "modules": {n: {"shape": list(shapes[i]), "rank": config.rank,
-                            "scaling": config.scaling, "bias": biases[n],
-                            "quant": configs[i].to_dict()} for i, n in enumerate(names)}}
+        digests = {}
+        for p in paths:
+            digests.update(file_digests(p))
+        cfg["quantization_config"] = hf_quantization_config(
+            {n: {"shape": list(shapes[i]), "rank": config.rank, "scaling": config.scaling,
+                 "bias": biases[n], "quant": configs[i].to_dict()}
+             for i, n in enumerate(names)}, digests, FORMAT_VERSION)
         with open(os.path.join(final, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
         for fn in sorted(os.listdir(src.path)):  # tokenizer, generation config, ...
@@ -331,7 +347,8 @@ def quantize_checkpoint(model_dir: str, out: str, config: LQLoRAConfig, *,
                    "job": job_id, "allocation": report.to_dict()}
         with open(os.path.join(final, REPORT), "w") as f:
             json.dump(summary, f, indent=1)
-        _swap_in(final, out)
+        commit_prepared(final, out, overwrite=overwrite, protect=[model_dir],
+                        who="quantize: --out")
         shutil.rmtree(work, ignore_errors=True)
         say(str(report))
         return summary
@@ -343,7 +360,10 @@ def _lq_entries(base: str, shape, cfg: QuantConfig, rank: int) -> List[Entry]:
     es = [Entry(f"{base}.qcodes", torch.int32, (nc,), None),
           Entry(f"{base}.qscales", torch.int32, (ns,), None),
           Entry(f"{base}.scale2", cfg.scale_dtype, (ng,), None),
-          Entry(f"{base}.offset", torch.float32, (1,), None)]
+          Entry(f"{base}.offset", torch.float32, (1,), None),
+          # what makes a transformers without lqlora_ext refuse the checkpoint
+          Entry(f"{base}.{PLACEHOLDER}", PLACEHOLDER_DTYPE, PLACEHOLDER_SHAPE,
+                placeholder_tensor())]
     if rank:
         es += [Entry(f"{base}.lora_A", torch.float32, (rank, shape[1]), None),
                Entry(f"{base}.lora_B", torch.float32, (shape[0], rank), None)]
@@ -419,15 +439,3 @@ def _finished_report(out: str, job_id: str):
     if not all(is_complete(os.path.join(out, f)) for f in files):
         return None
     return rep
-
-
-def _swap_in(final: str, out: str) -> None:
-    """Replace ``out`` by ``final`` (same filesystem): the previous ``out`` is moved aside
-    first and removed only after, so ``out`` is always either the old or the new result
-    (or, for an instant after a crash, absent with the old one at ``.<out>.old``)."""
-    old = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(out):
-        os.replace(out, old)
-    os.replace(final, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -370,18 +370,28 @@ def read_hf_quantized(path: str, model) -> Tuple[dict, Dict[str, torch.Tensor]]:
     keyed as ``model``'s state dict: the base-model prefix added or dropped as needed,
     tied tensors (an omitted ``lm_head.weight``) filled from their stored twin. For
     :func:`~lqlora_ext.load_quantized`, which then checks it against the model."""
+    from .layout import HINT_KEY, PLACEHOLDER, LayoutError, validate_modules, verify_hf
+
     src = CheckpointDir(path)
     qc = src.config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "lqlora" or \
-            not isinstance(qc.get("modules"), dict):
+    if not isinstance(qc, dict) or qc.get("quant_method") != "lqlora":
         raise CheckpointError(f"{path}: config.json has no quantization_config with "
                               f"quant_method 'lqlora'")
+    # The checks from_pretrained makes: strict layout both ways, digests, finite adapters.
+    cpath = os.path.join(src.path, CONFIG)
+    try:
+        modules = validate_modules(qc.get("modules"), f"{cpath}: quantization_config")
+        verify_hf(modules, qc.get("digests"), qc.get("digest"), qc.get("format_version"),
+                  {k: (i.torch_dtype, i.shape) for k, i in src.tensors.items()}, src.load,
+                  where=path)
+    except LayoutError as e:
+        raise CheckpointError(str(e)) from None
+    skip = {HINT_KEY, *(f"{m}.{PLACEHOLDER}" for m in modules)}
     prefix = getattr(model, "base_model_prefix", "") or ""
     own = model.state_dict(keep_vars=True)
     groups: Dict[int, List[str]] = {}
     for k, t in own.items():
         groups.setdefault(id(t), []).append(k)
-    modules = qc["modules"]
     # LQ tensors the model does not have yet (its Linears are still dense) keep their name.
     wanted = list(own) + [f"{m}.{s}" for m in modules for s in
                           ("qcodes", "qscales", "scale2", "offset", "lora_A", "lora_B")]
@@ -389,7 +399,7 @@ def read_hf_quantized(path: str, model) -> Tuple[dict, Dict[str, torch.Tensor]]:
     for k in wanted:
         for c in (k, k[len(prefix) + 1:] if prefix and k.startswith(prefix + ".") else
                   f"{prefix}.{k}" if prefix else k):
-            if c in src.tensors:
+            if c in src.tensors and c not in skip:
                 state[k] = src.load(c)
                 break
     for names in groups.values():

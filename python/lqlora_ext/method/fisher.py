@@ -83,10 +83,39 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _vocab_size(model: nn.Module) -> Optional[int]:
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            return None
+        n = getattr(emb, "num_embeddings", None)
+        return n if isinstance(n, int) else None
+    return None
+
+
+def _check_ids(ids: Tensor, vocab: Optional[int], bi: int, r: int) -> None:
+    """Token ids outside the embedding table would fail deep inside the model (an
+    IndexError, or a device assert on a GPU): name the batch, row and position instead."""
+    if vocab is None or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        pos = int(bad.reshape(-1).nonzero()[0])
+        raise ValueError(f"estimate_fisher: batch {bi}, row {r}: token id "
+                         f"{int(ids.reshape(-1)[pos])} at position {pos} is outside the "
+                         f"model's vocabulary (0..{vocab - 1}); was the calibration text "
+                         f"tokenized with another model's tokenizer?")
+
+
 def sequence_loss(model: nn.Module, inputs: Dict[str, Any], device: torch.device, bi: int,
                   r: int) -> Tensor:
-    """The LM loss of one calibration sequence, refusing models without a loss and
-    non-finite losses (naming the batch and row)."""
+    """The LM loss of one calibration sequence, refusing token ids outside the vocabulary,
+    models without a loss and non-finite losses (naming the batch and row)."""
+    ids = inputs.get("input_ids")
+    if isinstance(ids, Tensor):
+        _check_ids(ids, _vocab_size(model), bi, r)
     inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
     out = model(**inputs)
     loss = getattr(out, "loss", None)
@@ -142,6 +171,7 @@ def estimate_fisher(model: nn.Module, batches: Iterable,
     """
     modules = select_linear_modules(model, target_modules)
     device = _model_device(model)
+    vocab = _vocab_size(model)
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     saved_modes = [(m, m.training) for m in model.modules()]
