@@ -392,6 +392,23 @@ def test_qmatmul_fused_lora_k_slices_same_bits_in_any_block_order(cols, m, be):
         assert torch.equal(o.view(torch.int16), ref.view(torch.int16))
 
 
+def test_large_m_paths_in_row_chunks(be):
+    # Beyond the fused kernels, both ops dequantize 2^26 weights at a time: here 2048 of the
+    # 2100 rows, then the 52 left. qmatmul writes each chunk's product straight into its
+    # columns of out (a strided view), qmatmul_t sums the chunks' products in fp32.
+    c = QuantConfig(4, 64, 8, 64, torch.float32)
+    rows, cols, m = 2100, 1 << 15, 17  # fp32 x: the fused kernels stop at M = 16
+    packed, w = _packed(be, rows, cols, c, seed=3)
+    x = torch.randn(m, cols, device=be.dev)
+    a = torch.randn(8, cols, device=be.dev) / cols ** 0.5
+    b = torch.randn(rows, 8, device=be.dev)
+    _check(be.ops.qmatmul(x, *packed, rows, *_args(c), a, b, 0.5), x, w, a, b, 0.5,
+           what="qmatmul in row chunks")
+    g = torch.randn(m, rows, device=be.dev)
+    _check(be.ops.qmatmul_t(g, *packed, cols, *_args(c)), g, w, what="qmatmul_t in row chunks",
+           transpose=True)
+
+
 def test_qmatmul_noncontiguous_and_misaligned_inputs(be):
     c = grid.DEFAULT
     packed, w = _packed(be, 576, 576, c)
