@@ -292,9 +292,19 @@ def test_bad_input(be):
         be.rsvd(a, 4, init=init)
 
 
-def test_empty_batch_and_opcheck(be):
+def test_empty_batch(be):
     u, s, v = be.rsvd(torch.randn(0, 12, 10), 3)
     assert (u.shape, s.shape, v.shape) == ((0, 12, 3), (0, 3), (0, 10, 3))
-    a = _matrix(24, 20, torch.float32, seed=2).to(be.dev)
-    opcheck(be.ops.rsvd, (a, 4, 3, 1, 0, None),
-            test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_and_compile_fullgraph(be):
+    a = _matrix(24, 20, torch.float32, seed=2, batch=(2,)).to(be.dev)
+    opcheck(be.ops.rsvd.default, (a, 4, 3, 1, 0, None))
+    opcheck(be.ops.rsvd.default, (a[0].double(), 4, 3, 0, 0, torch.randn(20, 7).double()))
+
+    def f(x):
+        u, s, v = be.ops.rsvd(x * 2, 4, 3, 1, 0, None)
+        return (u * s.unsqueeze(-2)) @ v.mT
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(a), f(a), rtol=0, atol=0)
