@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "lqlora/pack.h"  // LQ_HD: host + device under nvcc, plain inline for the host compiler
+
 namespace lqlora::cuda {
 
 // The padded order (k rounded up to even: the round-robin pairing needs an even count) up
@@ -18,11 +20,11 @@ constexpr int kJacobiMaxOrder = 1024;
 constexpr int kJacobiThreads = 128;
 constexpr int kJacobiMaxSweeps = 40;
 
-inline int jacobi_padded_order(int k) { return k + (k & 1); }
+LQ_HD int jacobi_padded_order(int k) { return k + (k & 1); }
 
 // fp64 elements of the global workspace per batch entry: the eigenvector rows [kp, kp],
 // plus the working copy of G [kp, kp] when kp exceeds kJacobiMaxSharedOrder.
-inline int64_t jacobi_workspace_doubles(int k) {
+LQ_HD int64_t jacobi_workspace_doubles(int k) {
   const int64_t kp = jacobi_padded_order(k);
   return (kp > kJacobiMaxSharedOrder ? 2 : 1) * kp * kp;
 }
