@@ -220,6 +220,25 @@ def test_large_k_global_memory_path(be, dt):
     assert _orth_err(u) <= bound and _orth_err(v) <= bound
 
 
+def test_order_beyond_the_kernel_uses_eigh(be):
+    # rank + oversample = 1030 > 1023, the Jacobi kernel's limit: ATen's eigh takes the
+    # Gram matrix instead, with the same results up to rounding.
+    m, n, rank = 1100, 1040, 1020
+    a = _matrix(m, n, torch.float64, seed=5, decay=0.01)
+    u, s, v = be.rsvd(a, rank, niter=0)
+    _, sc, _ = CPU.rsvd(a, rank, OVERSAMPLE, 0, 0, None)
+    assert float((s - sc).abs().max()) <= 1e-10 * float(sc[0])
+    bound = 30 * _eps(torch.float64) * math.sqrt(m)
+    assert _orth_err(u) <= bound and _orth_err(v) <= bound
+
+
+def test_non_contiguous_input(be):
+    a = _matrix(72, 90, torch.float32, seed=8, batch=(2,))
+    got = be.rsvd(a.mT, 6, seed=3)
+    want = be.rsvd(a.mT.contiguous(), 6, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
 @pytest.mark.parametrize("dt", DT)
 def test_warm_start(be, dt):
     dt = DT[dt]
