@@ -9,7 +9,6 @@ by the functions that follow, in the order the commands call them.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from typing import Optional, Sequence
@@ -143,15 +142,6 @@ def cache_dir(path: str) -> str:
         raise CLIError(f"--cache-dir {path}: not writable ({base} is "
                        f"{'not a directory' if not os.path.isdir(base) else 'read-only'})")
     return path
-
-
-def is_lq_config(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            qc = json.load(f).get("quantization_config")
-        return isinstance(qc, dict) and qc.get("quant_method") == "lqlora"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 # ------------------------------------------------------------------ against the model
