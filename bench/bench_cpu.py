@@ -19,7 +19,7 @@ write bytes). FLOP counts are 2*M*N*K.
 Each group prints how much CPU *other* processes used while it ran; above ~10% the numbers
 are contaminated. On a shared box, run it at raised priority, e.g.
 ``bash -c 'echo -20 > /proc/self/autogroup; exec nice -n -20 python3 bench/bench_cpu.py'``
-(root; autogroup scheduling ignores plain nice across sessions).
+(root; under autogroup scheduling plain nice ranks processes only within one autogroup).
 """
 from __future__ import annotations
 

@@ -3,14 +3,15 @@ against torch bf16 matmul (cuBLAS) and bitsandbytes NF4, plus lqlora.rsvd agains
 torch.svd_lowrank and the cost profiling of one matrix over the paper's config grid; every
 project GPU target checked and reported pass/fail.
 
-Usage (on the GPU machine; scripts/gpu_session.sh runs it for you):
+Usage (on a machine with a CUDA GPU; scripts/gpu_check.sh runs it as its bench and
+bench-full stages):
 
-    python3 bench/bench_cuda.py --out gpu-out/bench_cuda.json --md gpu-out/bench_cuda.md
-    python3 bench/bench_cuda.py --quick --out q.json --md q.md      # ~2 min subset
+    python3 bench/bench_cuda.py --out bench_cuda.json --md bench_cuda.md
+    python3 bench/bench_cuda.py --quick --out q.json --md q.md      # subset, ~2 min (est.)
     python3 bench/bench_cuda.py --shapes llama2-70b-attn --m 1,16 --sections qmatmul
     python3 bench/bench_cuda.py --device cpu --quick --out /tmp/p.json   # plumbing, no GPU
 
-Default set (about 5-6 minutes on an H100, budgeted to stay under 10): LLaMA-2-7B
+Default set (an estimated 5-6 minutes on an H100): LLaMA-2-7B
 (4096x4096, 11008x4096, 4096x11008), LLaMA-2-70B (8192x8192, 28672x8192, 8192x28672) and
 SmolLM2 (576x576, 1536x576) at M = 1, 16, 128, 1024, 4096 with bf16 activations; NF4, NF3,
 NF2 at the default block sizes (QuantConfig(bits)); NF4 again with a fused rank-64 LoRA
@@ -20,7 +21,7 @@ otherwise). Then ``torch.ops.lqlora.rsvd`` (rank 64 + oversample 10, 4096x4096) 
 ``torch.svd_lowrank`` with equal niter, and ``profile_costs`` of one 4096x4096 matrix over
 ``config_grid("paper")`` (432 configs), stopped and extrapolated past --profile-cap-s.
 
-Method (bench/bench_cpu.py's, on a GPU; ../.library/device/METHOD.md): weights are quantized
+Method (bench/bench_cpu.py's, on a GPU): weights are quantized
 on the CPU from a seeded generator (the CPU kernels are the spec; the GPU quantize is the
 tests' business) and moved to the device. Every op runs on inputs *and* weights rotated over
 enough copies that one sweep moves at least twice the L2 cache (read from the device

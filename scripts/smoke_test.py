@@ -4,18 +4,19 @@ it works: import, quantize, dequantize and qmatmul on the CPU, and the same on a
 torch sees one.
 
     python scripts/smoke_test.py dist/lqlora_ext-0.1.0+cpu.torch2.13-*.whl
-    python scripts/smoke_test.py --system-torch --no-deps dist/*.whl   # no network (GPU machine)
+    python scripts/smoke_test.py --system-torch --no-deps dist/*.whl   # offline, the torch here
 
 The torch to install defaults to the exact version the wheel was compiled against (read from
 the wheel's lqlora_ext/_build_info.py, e.g. ``torch==2.13.0+cpu``; where that local version
 is not published, as for PyPI's CUDA builds, the public one, ``torch==2.11.0``); ``--torch
-SPEC`` overrides it. ``--system-torch`` makes the venv see the interpreter's site-packages and installs no
-torch (use the torch already there); ``--no-deps`` installs the wheel alone (importing and
-the ops need only torch). A CUDA wheel is also tested with a CPU-only torch: its CPU ops must
+SPEC`` overrides it. ``--system-torch`` installs no torch: the venv sees the packages of the
+interpreter running this script (its torch), after its own; ``--no-deps`` installs the wheel
+alone (importing and the ops need only torch). A CUDA wheel is also tested with a CPU-only torch: its CPU ops must
 work and its CUDA kernels must be registered (cudart is linked statically).
 
 Checks (run inside the venv, from a directory outside the source tree):
-- the package imports from the venv's site-packages and reports the build it came from;
+- the package imports from the venv's own site-packages (not a source tree or an editable
+  install beside the torch) and reports the build it came from;
 - the CUDA dispatch key holds our kernels exactly when the wheel is a CUDA build;
 - quantize -> dequantize equals the package's pure-PyTorch reference bit for bit;
 - qmatmul (M = 1 decode path, M = 7, ragged K = 100, LoRA epilogue, bf16 activations) is
@@ -35,7 +36,7 @@ import time
 import zipfile
 
 CHECK = r'''
-import json, sys
+import json, os, sys
 import torch
 import lqlora_ext as lq
 from lqlora_ext import _build_info as info
@@ -45,7 +46,8 @@ EPS = {dt: torch.finfo(dt).eps for dt in (torch.float32, torch.bfloat16)}
 rep = {"module": lq.__file__, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
        "built_torch": info.TORCH_VERSION, "built_cuda": info.CUDA_VERSION or None,
        "archs": info.CUDA_ARCHS or None, "checks": []}
-assert "site-packages" in lq.__file__, f"imported {lq.__file__}, not the installed wheel"
+assert os.path.realpath(lq.__file__).startswith(os.path.realpath(sys.prefix) + os.sep), \
+    f"imported {lq.__file__}, not the wheel installed in {sys.prefix}"
 has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("lqlora::qmatmul", "CUDA")
 assert has_cuda == bool(info.CUDA_VERSION), \
     f"CUDA kernels registered: {has_cuda}, but the build says CUDA {info.CUDA_VERSION!r}"
@@ -135,6 +137,26 @@ def build_info(wheel: str) -> dict:
     return ns
 
 
+def link_packages(py: str) -> None:
+    """Let the venv of ``py`` import this interpreter's packages (its torch), after its own.
+
+    Not ``venv --system-site-packages``: that reaches only the *base* interpreter's
+    site-packages, so a torch installed in a venv that runs this script stays invisible; and
+    it processes the .pth files there, where an editable ``pip install -e .`` of lqlora_ext
+    keeps an import hook that would load the source tree instead of the wheel under test. A
+    plain directory line in a .pth file appends that directory to sys.path and nothing else.
+    """
+    import torch  # noqa: F401  (the torch the wheel is to run with must be importable here)
+
+    dirs = [os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))]
+    dirs += [os.path.abspath(d) for d in sys.path
+             if d.endswith(("site-packages", "dist-packages")) and os.path.isdir(d)]
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(purelib, "_lqlora_smoke_system_torch.pth"), "w") as f:
+        f.write("".join(d + "\n" for d in dict.fromkeys(dirs) if d != purelib))
+
+
 def sh(cmd, **kw):
     print("  $ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, check=True, **kw)
@@ -147,9 +169,10 @@ def smoke(wheel: str, args) -> dict:
     t0 = time.time()
     # No pip inside the venv (no ensurepip needed, faster): this interpreter's pip installs
     # into it (pip >= 22.3's --python).
-    sh([sys.executable, "-m", "venv", "--without-pip",
-        *(["--system-site-packages"] if args.system_torch else []), venv])
+    sh([sys.executable, "-m", "venv", "--without-pip", venv])
     py = os.path.join(venv, "bin", "python")
+    if args.system_torch:
+        link_packages(py)
     pip = [sys.executable, "-m", "pip", "--python", py, "install", "-q",
            "--disable-pip-version-check"]
     if args.no_deps:
@@ -194,7 +217,7 @@ def main(argv=None) -> int:
     ap.add_argument("--torch", help="torch requirement to install (default: the exact torch "
                                     "the wheel was built against)")
     ap.add_argument("--system-torch", action="store_true",
-                    help="venv with --system-site-packages; use the torch already installed")
+                    help="install no torch: the venv sees this interpreter's packages (its torch)")
     ap.add_argument("--no-deps", action="store_true",
                     help="install the wheel alone, offline (--no-deps --no-index)")
     ap.add_argument("--venv-root", default=None, help="where to create the venvs (default: TMPDIR)")

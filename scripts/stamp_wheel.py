@@ -12,13 +12,13 @@ CUDA the binary was compiled against. From it this script sets
   open ``torch>=2.11`` (a binary only loads into the torch minor it was built against);
 
 renames the ``.dist-info`` folder, rewrites RECORD and writes ``OUT/<new name>.whl``.
-Stdlib only, so it runs on machines without network (the GPU machine).
+Stdlib only, so it runs on machines without network access.
 
 Why after the build and not in pyproject.toml: the version and the torch pin depend on the
 build environment, and a dynamic-metadata provider would tie every build, editable dev
 installs included, to one scikit-build-core plugin API (its legacy table needs
 ``experimental = true`` and is deprecated in 1.x; the new ``[[tool.dynamic-metadata]]``
-needs 1.0+, which the GPU machine may not have). Stamping leaves ``pip install -e .``
+needs 1.0+, which a build machine may not have). Stamping leaves ``pip install -e .``
 exactly as it was.
 """
 from __future__ import annotations

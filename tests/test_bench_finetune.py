@@ -1,6 +1,7 @@
-"""bench/finetune_memory.py on a config-built Llama (``--model config:tiny:2``): the path a GPU
-session runs with ``config:llama2-7b:2 --device cuda`` (issue 5's table), here on the CPU with
-tiny shapes: quantize (--prepare), save, reload, train each variant in its own process."""
+"""bench/finetune_memory.py on a config-built Llama (``--model config:tiny:2``): the path that
+scripts/gpu_check.sh runs with ``config:llama2-7b:2 --device cuda`` (issue 5's table), here on
+the CPU with tiny shapes: quantize (--prepare), save, reload, train each variant in its own
+process."""
 from __future__ import annotations
 
 import json

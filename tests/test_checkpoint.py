@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from lqlora_ext import (LQLinear, LQLoRAConfig, QuantConfig, load_quantized,  # noqa: E402
                         quantize_model, save_quantized)
 from lqlora_ext.io import checkpoint as ckpt  # noqa: E402
+from lqlora_ext.io.atomic import OUTPUT_MARKER  # noqa: E402
 
 GRID = [QuantConfig(2, 64, 8, 256), QuantConfig(3, 32, 4, 64, torch.bfloat16),
         QuantConfig(4, 64, 8, 256, torch.float16)]
@@ -84,7 +85,7 @@ def test_round_trip(arch, q_llama, q_bert, tmp_path):
     src = q_llama if arch == "llama" else q_bert
     path = str(tmp_path / "ckpt")
     save_quantized(src, path)
-    assert sorted(os.listdir(path)) == [ckpt.MANIFEST, ckpt.WEIGHTS]
+    assert sorted(os.listdir(path)) == [OUTPUT_MARKER, ckpt.MANIFEST, ckpt.WEIGHTS]
     dst = fresh_llama() if arch == "llama" else fresh_bert()
     out = load_quantized(path, dst)
     assert out is dst
@@ -138,15 +139,12 @@ def test_tied_llama_round_trip(tmp_path):
     assert dst.lm_head.weight is dst.model.embed_tokens.weight
 
 
-def test_save_replaces_existing(tmp_path, q_llama):
+def test_save_replaces_previous_checkpoint(tmp_path, q_llama):
     path = tmp_path / "ckpt"
-    path.mkdir()
-    (path / "stale.txt").write_text("old")
     save_quantized(q_llama, str(path))
-    assert sorted(os.listdir(path)) == [ckpt.MANIFEST, ckpt.WEIGHTS]
-    # and again over a real checkpoint: the newest model wins
     other = quantized(fresh_llama(seed=7), grid=[GRID[0]])
-    save_quantized(other, str(path))
+    save_quantized(other, str(path))  # over a real checkpoint: the newest model wins
+    assert sorted(os.listdir(path)) == [OUTPUT_MARKER, ckpt.MANIFEST, ckpt.WEIGHTS]
     dst = fresh_llama()
     load_quantized(str(path), dst)
     assert_same_state(other, dst)
@@ -242,7 +240,7 @@ def edit_manifest(saved, tmp_path, fn):
     return path
 
 
-@pytest.mark.parametrize("key,value", [("version", 2), ("version", None),
+@pytest.mark.parametrize("key,value", [("version", 1), ("version", 3), ("version", None),
                                        ("nf_format_version", 99)])
 def test_wrong_version(saved_llama, tmp_path, key, value):
     path = edit_manifest(saved_llama, tmp_path, lambda m: m.__setitem__(key, value))
@@ -312,3 +310,96 @@ def test_extra_layers_refused(saved_llama):
     cfg.num_hidden_layers = 3
     assert_refused_unchanged(saved_llama, transformers.LlamaForCausalLM(cfg),
                              r"does not match the model: missing \['model\.layers\.2\.")
+
+
+# ----------------------------------------------------------- data loss and hand edits
+def test_save_refuses_a_foreign_directory_and_overwrite_keeps_its_files(tmp_path, q_llama):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty.*not an lqlora output.*overwrite"):
+        save_quantized(q_llama, str(d))
+    assert os.listdir(d) == ["notes.txt"]
+    save_quantized(q_llama, str(d), overwrite=True)
+    assert (d / "notes.txt").read_text() == "keep me"
+    dst = fresh_llama()
+    load_quantized(str(d), dst)
+    assert_same_state(q_llama, dst)
+    save_quantized(q_llama, str(d))  # now an lqlora output: no overwrite needed
+    assert sorted(os.listdir(d)) == [OUTPUT_MARKER, ckpt.MANIFEST, ckpt.WEIGHTS, "notes.txt"]
+
+
+def test_save_refuses_the_directory_the_model_came_from(tmp_path, q_llama):
+    src = tmp_path / "models" / "hf"
+    fresh_llama().save_pretrained(src)
+    m = transformers.AutoModelForCausalLM.from_pretrained(src)
+    quantized(m)
+    for out in (src, src.parent):
+        with pytest.raises(ValueError, match="input model"):
+            save_quantized(m, str(out), overwrite=True)
+    assert sorted(os.listdir(src)) == ["config.json", "generation_config.json",
+                                       "model.safetensors"]
+
+
+def test_save_refuses_non_finite_adapters(tmp_path):
+    m = quantized(fresh_llama(seed=0))
+    with torch.no_grad():
+        m.model.layers[0].self_attn.q_proj.lora_B[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"q_proj.lora_B.*non-finite value \(nan\) at \[3, 1\]"):
+        save_quantized(m, str(tmp_path / "x"))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("edit", ["block_size", "rank0", "delete_module", "scaling"])
+def test_hand_edited_manifest_refused(saved_llama, tmp_path, edit):
+    def fn(man):
+        mods = man["modules"]
+        name = "model.layers.1.self_attn.k_proj"
+        if edit == "block_size":  # the digest is checked first: any edit is caught
+            mods[name]["quant"]["block_size"] = 128
+        elif edit == "rank0":
+            mods[name]["rank"] = 0
+        elif edit == "delete_module":
+            del mods[name]
+        else:
+            mods[name]["scaling"] = 4.0
+    path = edit_manifest(saved_llama, tmp_path, fn)
+    assert_untouched_refusal(path, "modified after saving")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.__setitem__("modules", []), "'modules' must be a non-empty object"),
+    (lambda m: m.__setitem__("aliases", {"a": 1}), "'aliases' must map"),
+    (lambda m: m.__setitem__("nbytes", "12"), "'nbytes' must be an integer"),
+    (lambda m: m["modules"]["model.layers.0.mlp.up_proj"]["quant"].__setitem__("bits", 4.7),
+     "model.layers.0.mlp.up_proj.*bits must be an int"),
+    (lambda m: m["modules"]["model.layers.0.mlp.up_proj"].pop("rank"), r"lacks \['rank'\]"),
+], ids=["modules", "aliases", "nbytes", "bits-float", "no-rank"])
+def test_corrupt_manifest_fields_named(saved_llama, tmp_path, edit, match):
+    path = edit_manifest(saved_llama, tmp_path, edit)
+    assert_untouched_refusal(path, "corrupt manifest.*" + match)
+
+
+def test_unexpected_lq_tensor_refused_with_valid_manifest(tmp_path, q_llama):
+    """Strict both ways: a tensor the manifest does not describe is refused even when the
+    manifest's and the file's checksums are consistent (written by another tool)."""
+    from safetensors.torch import load_file, save_file
+    path = str(tmp_path / "c")
+    save_quantized(q_llama, path)
+    w = os.path.join(path, ckpt.WEIGHTS)
+    state = load_file(w)
+    state["model.layers.0.mlp.up_proj.lora_C"] = torch.zeros(2)
+    state["model.layers.9.mlp.up_proj.qcodes"] = torch.zeros(2, dtype=torch.int32)
+    save_file(state, w, metadata={"format": ckpt.CKPT_FORMAT})
+
+    def fix(man):
+        man["nbytes"], man["sha256"] = os.path.getsize(w), ckpt._sha256(w)
+        man.pop("digest")
+        man["digest"] = ckpt.config_digest(man)
+    mpath = os.path.join(path, ckpt.MANIFEST)
+    with open(mpath) as f:
+        man = json.load(f)
+    fix(man)
+    with open(mpath, "w") as f:
+        json.dump(man, f)
+    assert_untouched_refusal(path, "model.layers.9.mlp.up_proj.qcodes.*does not list")

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -81,13 +82,12 @@ def test_parser_defaults():
 
 
 def test_parser_errors(capsys):
-    with pytest.raises(SystemExit):
-        cli.main([])  # a subcommand is required
-    with pytest.raises(SystemExit):
-        cli.main(["eval"])  # --model is required
-    with pytest.raises(SystemExit):
-        cli.main(["quantize", "--budget", "lots"])
-    capsys.readouterr()
+    for argv in ([], ["eval"], ["quantize", "--budget", "lots"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)  # a subcommand is required; --model is required; not a number
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ": error: " in err, err  # one line, no usage block
 
 
 def test_default_model_needs_wheel(monkeypatch):
@@ -283,9 +283,10 @@ def test_finetune_lowers_heldout_perplexity_and_saves(quantized_dir, tmp_path, c
     assert math.isclose(ppl, rep["perplexity_after"], rel_tol=1e-4)
 
 
-def test_finetune_refuses_a_dense_model(dense_dir):
-    with pytest.raises(SystemExit, match="not an LQ-LoRA model"):
+def test_finetune_refuses_a_dense_model(dense_dir, capsys):
+    with pytest.raises(SystemExit, match="not an LQ-LoRA model directory") as e:
         cli.main(["finetune", "--model", dense_dir, "--steps", "1", *SEQ])
+    assert e.value.code == 2 and "not an LQ-LoRA model directory" in capsys.readouterr().err
 
 
 def test_eval_reads_the_save_quantized_format_too(quantized_dir, tmp_path, capsys):
@@ -298,3 +299,210 @@ def test_eval_reads_the_save_quantized_format_too(quantized_dir, tmp_path, capsy
     a = capsys.readouterr().out
     assert cli.main(["eval", "--model", d, *SEQ]) == 0
     assert capsys.readouterr().out == a
+
+
+# ------------------------------------------------- validation before the heavy work
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command gets as far as loading model weights."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the argument was refused")
+    monkeypatch.setattr(cli, "load_dense", refuse)
+    monkeypatch.setattr(cli, "load_lq", refuse)
+
+
+def one_line_error(argv, capsys, code=2):
+    """Run the CLI expecting a refusal: exit status ``code`` and one stderr line."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == code, err
+    if code == 2:  # refused before any model loads: nothing else was printed there
+        assert err.count("\n") == 1 and ": error: " in err, err
+    lines = err.strip().split("\n")
+    assert "Traceback" not in err and ": error: " in lines[-1], err
+    assert sum(": error: " in x for x in lines) == 1, err
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, dense_dir):
+    d = tmp_path_factory.mktemp("files")
+    (d / "binary.txt").write_bytes(b"GIF89a\x00\x01\x02 header of an image")
+    (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1") * 50)
+    (d / "short.txt").write_text("tiny")
+    (d / "plain.txt").write_text("hello")
+    (d / "fake.gguf").write_bytes(b"NOPE" + b"\x00" * 64)
+    (d / "foreign").mkdir()
+    (d / "foreign" / "thesis.tex").write_text("years of work")
+    (d / "nocfg").mkdir()
+    (d / "nocfg" / "weights.bin").write_text("x")
+    small = d / "small-vocab"  # the tokenizer emits ids up to 96; the model embeds 64
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)).save_pretrained(small)
+    char_tokenizer().save_pretrained(small)
+    return d
+
+
+Q = ["quantize", "--workers", "1", *SEQ]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--budget", "0"], "--budget: must be a positive finite number"),
+    (["--budget", "-1"], "--budget: must be a positive finite number"),
+    (["--budget", "nan"], "--budget: must be a positive finite number"),
+    (["--budget", "inf"], "--budget: must be a positive finite number"),
+    (["--budget", "1.5"], "--budget 1.5 is below the smallest config of grid 'default'"),
+    (["--rank", "-1"], "--rank: must be an integer >= 0"),
+    (["--rank", "2.5"], "--rank: must be an integer >= 0"),
+    (["--rank", "32"], "--rank 32 must be smaller than .* is 32x64"),
+    (["--grid", "bogus"], "--grid 'bogus': unknown grid 'bogus'; valid names: default, paper"),
+    (["--seq-len", "0"], "--seq-len: must be a positive integer"),
+    (["--seq-len", "-4"], "--seq-len: must be a positive integer"),
+    (["--seq-len", "1"], "--seq-len: must be at least 2"),
+    (["--seq-len", "65"], "--seq-len 65 exceeds the model's context of 64 positions"),
+    (["--eval-seqs", "0"], "--eval-seqs: must be a positive integer"),
+    (["--calib-seqs", "0"], "--calib-seqs: must be a positive integer"),
+    (["--workers", "0"], "--workers: must be a positive integer"),
+], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_quantize_bad_numbers(dense_dir, tmp_path, capsys, no_model_load, args, match):
+    err = one_line_error([*Q, "--model", dense_dir, "--out", str(tmp_path / "o"),
+                          "--cache-dir", str(tmp_path / "c"), *args], capsys)
+    assert re.search(match, err), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("which,match", [
+    ("missing", "no such file or directory .*nothing is downloaded"),
+    ("nocfg", "directory has no config.json"),
+    ("plain.txt", "a file, but not a .gguf model"),
+    ("fake.gguf", "not a GGUF file"),
+    ("hubid", "no such file or directory"),
+])
+def test_quantize_bad_model(files, tmp_path, capsys, no_model_load, which, match):
+    model = {"missing": "/nonexistent/model", "hubid": "nobody/not-a-cached-model"}.get(
+        which, str(files / which))
+    err = one_line_error([*Q, "--model", model, "--out", str(tmp_path / "o")], capsys)
+    assert re.search(match, err), err
+    assert "Repo id" not in err
+
+
+def test_quantize_refuses_an_lq_model_as_input(quantized_dir, tmp_path, capsys, no_model_load):
+    err = one_line_error([*Q, "--model", quantized_dir, "--out", str(tmp_path / "o")], capsys)
+    assert "already an LQ-LoRA model" in err
+
+
+@pytest.mark.parametrize("which,match", [
+    ("binary.txt", r"is a binary file \(NUL byte at offset 6\)"),
+    ("latin1.txt", r"is not UTF-8 text \(byte 0xe9 at offset 3\)"),
+    ("absent.txt", "no such file"),
+    ("short.txt", "text has 4 tokens, fewer than one sequence of 32"),
+])
+def test_quantize_bad_calibration_file(dense_dir, files, tmp_path, capsys, no_model_load,
+                                       which, match):
+    err = one_line_error([*Q, "--model", dense_dir, "--out", str(tmp_path / "o"),
+                          "--calibration", str(files / which)], capsys)
+    assert re.search(match, err) and f"--calibration {files / which}" in err, err
+
+
+def test_out_of_vocabulary_calibration_ids_named(files, tmp_path, capsys, no_model_load):
+    err = one_line_error([*Q, "--model", str(files / "small-vocab"),
+                          "--out", str(tmp_path / "o")], capsys)
+    assert re.search(r"token id \d+ \(sequence \d+, position \d+\) is outside the model's "
+                     r"vocabulary of 64", err), err
+
+
+@pytest.mark.parametrize("where,match", [
+    ("model", "is the input model"), ("parent", "contains the input model"),
+    ("foreign", r"is not empty \(thesis.tex\) and is not an lqlora output"),
+    ("file", "exists and is not a directory"),
+    ("under_file", "cannot create output directory .*plain.txt is not a directory"),
+    ("cwd", r"--out: output directory \. is not empty"),
+])
+def test_quantize_bad_out(dense_dir, files, tmp_path, capsys, monkeypatch, no_model_load,
+                          where, match):
+    monkeypatch.chdir(files / "foreign")
+    out = {"model": dense_dir, "parent": os.path.dirname(dense_dir),
+           "foreign": str(files / "foreign"), "file": str(files / "plain.txt"),
+           "under_file": str(files / "plain.txt" / "out"), "cwd": "."}[where]
+    before = sorted(os.listdir(dense_dir))
+    err = one_line_error([*Q, "--model", dense_dir, "--out", out, "--overwrite"
+                          if where in ("model", "parent") else "--seed=0"], capsys)
+    assert re.search(match, err), err
+    assert sorted(os.listdir(dense_dir)) == before
+    assert os.listdir(files / "foreign") == ["thesis.tex"]
+
+
+def test_quantize_overwrite_keeps_foreign_files(dense_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    assert cli.main([*Q, "--model", dense_dir, "--out", str(out), "--overwrite", "--grid",
+                     "nf8", "--rank", "2", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert cli.is_lq_dir(str(out))
+    # now an lqlora output: a second run needs no --overwrite, still keeps the file
+    assert cli.main([*Q, "--model", dense_dir, "--out", str(out), "--grid", "nf4", "--rank",
+                     "2", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert (out / "thesis.tex").read_text() == "years of work"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--steps", "0"], "--steps: must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--lr", "0"], "--lr: must be a positive finite number"),
+    (["--lr", "nan"], "--lr: must be a positive finite number"),
+    (["--batch-size", "8", "--train-seqs", "4"], "--batch-size 8 exceeds --train-seqs 4"),
+    (["--seq-len", "0"], "--seq-len: must be a positive integer"),
+    (["--seq-len", "100"], "--seq-len 100 exceeds the model's context of 64"),
+    (["--eval-seqs", "0"], "--eval-seqs: must be a positive integer"),
+])
+def test_finetune_bad_numbers(quantized_dir, tmp_path, capsys, no_model_load, args, match):
+    err = one_line_error(["finetune", "--model", quantized_dir, "--out", str(tmp_path / "o"),
+                          *args], capsys)
+    assert re.search(match, err), err
+
+
+def test_finetune_bad_out_and_data(quantized_dir, files, tmp_path, capsys, no_model_load):
+    err = one_line_error(["finetune", "--model", quantized_dir, "--out", quantized_dir], capsys)
+    assert "is the input model" in err
+    err = one_line_error(["finetune", "--model", quantized_dir, "--out", str(files / "foreign")],
+                         capsys)
+    assert "is not an lqlora output" in err
+    err = one_line_error(["finetune", "--model", quantized_dir, "--out", str(tmp_path / "o"),
+                          "--data", str(files / "binary.txt")], capsys)
+    assert "is a binary file" in err
+    err = one_line_error(["finetune", "--model", "/nonexistent"], capsys)
+    assert "no such file or directory" in err
+
+
+def test_eval_bad_arguments(dense_dir, files, capsys, no_model_load):
+    assert "no such file or directory" in one_line_error(
+        ["eval", "--model", "/nonexistent"], capsys)
+    assert "is a binary file" in one_line_error(
+        ["eval", "--model", dense_dir, "--data", str(files / "binary.txt")], capsys)
+    assert "exceeds the model's context" in one_line_error(
+        ["eval", "--model", dense_dir, "--seq-len", "99"], capsys)
+
+
+def test_library_errors_are_one_line_with_status_1(dense_dir, tmp_path, capsys, monkeypatch):
+    """A NaN weight found by quantize_model (after loading): its message, no traceback."""
+    real = cli.load_dense
+
+    def poisoned(*a, **k):
+        model, tok = real(*a, **k)
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+        return model, tok
+    monkeypatch.setattr(cli, "load_dense", poisoned)
+    err = one_line_error([*Q, "--model", dense_dir, "--out", str(tmp_path / "o"), "--grid",
+                          "nf4", "--rank", "2", "--cache-dir", str(tmp_path / "c")], capsys,
+                         code=1)
+    assert "model.layers.1.mlp.down_proj.weight (64, 128) has a non-finite value (nan) at " \
+           "[3, 5]" in err
+    assert not (tmp_path / "o").exists()

@@ -359,6 +359,39 @@ def test_qmatmul_fused_lora_ranks(xdt, m, rank, be):
            what=f"qmatmul+lora r={rank} M={m} {xdt}")
 
 
+@pytest.mark.parametrize("m", [1, 40])
+@pytest.mark.parametrize("cols", [544, 4128, 8224])
+def test_qmatmul_fused_lora_k_slices_same_bits_in_any_block_order(cols, m, be):
+    # Each tile of t = x @ a^T is split over K into producer blocks (2, 9 and the cap of 16
+    # slices here, the last one partial); the slice that finishes last adds the planes in
+    # slice order. Whichever block that is (block order varies with the emulator's workers
+    # and schedules, and on a GPU from run to run), the output has the same bits.
+    c = QuantConfig(4, 64, 8, 64, torch.bfloat16)
+    packed, w = _packed(be, 72, cols, c, seed=cols)
+    x = torch.randn(m, cols, device=be.dev).to(torch.bfloat16)
+    a = (torch.randn(64, cols, device=be.dev) / cols ** 0.5).to(torch.bfloat16)
+    b = torch.randn(72, 64, device=be.dev).to(torch.bfloat16)
+
+    def run():
+        return be.ops.qmatmul(x, *packed, 72, *_args(c), a, b, 0.5)
+
+    ref = run()
+    _check(ref, x, w, a, b, 0.5, what=f"qmatmul+lora K={cols} M={m}")
+    if be.name == "emu":
+        outs, prev = [], emu.get_workers()
+        for workers, order in ((3, "forward"), (2, "random"), (1, "reverse")):
+            emu.set_workers(workers)
+            try:
+                with emu.schedule(order, seed=cols):
+                    outs.append(run())
+            finally:
+                emu.set_workers(prev)
+    else:
+        outs = [run() for _ in range(5)]
+    for o in outs:
+        assert torch.equal(o.view(torch.int16), ref.view(torch.int16))
+
+
 def test_qmatmul_noncontiguous_and_misaligned_inputs(be):
     c = grid.DEFAULT
     packed, w = _packed(be, 576, 576, c)

@@ -340,3 +340,49 @@ def test_rsvd_warm_start_init_shape_checked():
     ops.rsvd(small, 6, 10, 0, 0, torch.randn(12, 12))
     with pytest.raises((ValueError, RuntimeError), match="init"):
         ops.rsvd(small, 6, 10, 0, 0, torch.randn(12, 16))
+
+
+# ------------------------------------------------------- determinism across thread counts
+@pytest.mark.parametrize("fisher", [False, True], ids=["plain", "fisher"])
+def test_result_independent_of_torch_thread_count(fisher):
+    """MKL's QR/SVD/dot give different last bits at 1 and 2 threads and the loop amplifies
+    them (another stopping iteration); decompose pins one intra-op thread, so the result
+    is the same bits whatever torch is set to, and torch's setting is restored."""
+    w = decaying(192, 320, seed=4)
+    f = torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) if fisher else None
+    out = {}
+    before = torch.get_num_threads()
+    for n in (1, 2, 3):
+        torch.set_num_threads(n)
+        try:
+            out[n] = decompose(w, NF3, 8, fisher=f, tol=1e-4)
+            assert torch.get_num_threads() == n
+        finally:
+            torch.set_num_threads(before)
+    for n in (2, 3):
+        assert out[n].iters == out[1].iters and out[n].history == out[1].history
+        assert torch.equal(out[n].l1, out[1].l1) and torch.equal(out[n].l2, out[1].l2)
+        assert torch.equal(out[n].q.qcodes, out[1].q.qcodes)
+
+
+def test_threads_argument_validated_and_restored_on_error():
+    with pytest.raises(ValueError, match="threads must be None or an integer >= 1"):
+        decompose(torch.randn(8, 12), NF4, 2, threads=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError):
+            decompose(torch.randn(8, 12), NF4, 2, fisher=torch.zeros(8, 12))
+        assert torch.get_num_threads() == 2
+        d = decompose(torch.randn(16, 24), NF4, 2, threads=None)  # torch's own setting
+        assert d.iters >= 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_named_with_position(value):
+    w = torch.randn(24, 40)
+    w[7, 13] = value
+    with pytest.raises(ValueError, match=rf"non-finite value \({value}\) at \[7, 13\]"):
+        decompose(w, NF4, 2)

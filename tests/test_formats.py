@@ -478,3 +478,32 @@ def test_huge_weights_are_refused_or_finite(big):
     except ValueError:
         return
     assert torch.isfinite(qw.dequantize()).all(), "silent NaN/Inf in the reconstruction"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=4, block_size=64.0), "block_size must be an int, got float 64.0"),
+    (dict(bits=True), "bits must be an int, got bool"),
+    (dict(bits=4, scale_bits="8"), "scale_bits must be an int, got str"),
+    (dict(bits=4, scale_dtype="float32"), "scale_dtype must be torch.float32"),
+])
+def test_quant_config_types_validated_at_the_boundary(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        L.QuantConfig(**kwargs)
+    import numpy as np
+    c = L.QuantConfig(np.int64(4), np.int32(64))  # integral numbers are fine, stored as int
+    assert type(c.bits) is int and type(c.block_size) is int and c == L.QuantConfig(4, 64)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("bits", 4.7, "bits must be an int, got float 4.7"),
+    ("bits", "4", "bits must be an int, got str"),
+    ("block_size", 64.0, "block_size must be an int"),
+    ("scale_dtype", "float64", "scale_dtype must be one of"),
+    ("extra", 1, r"unknown fields \['extra'\]"),
+])
+def test_quant_config_from_dict_is_strict(field, value, match):
+    d = {**grid.DEFAULT.to_dict(), field: value}
+    with pytest.raises(ValueError, match=match):
+        L.QuantConfig.from_dict(d)
+    with pytest.raises(ValueError, match="expected an object"):
+        L.QuantConfig.from_dict([4, 64])

@@ -214,3 +214,174 @@ def test_sharded_checkpoint_and_device_map(saved_llama, tmp_path):
         m2 = AUTO.from_pretrained(tmp_path, **kw)
         with torch.no_grad():
             torch.testing.assert_close(m2(tiny.tokens()).logits, ref, rtol=0, atol=0)
+
+
+# ------------------------------------------------- silently wrong models (issue classes)
+def _lq_state(d):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(d, "model.safetensors"))
+
+
+def _write_state(d, state):
+    from safetensors.torch import save_file
+    save_file(state, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_loading_without_lqlora_ext_fails_loudly(saved_llama):
+    """A transformers that does not know quant_method "lqlora" must not hand back random
+    dense projections: the placeholders make it raise, and its report names the fix."""
+    _, d, _ = saved_llama
+    code = ("import sys, transformers\n"
+            "assert 'lqlora_ext' not in sys.modules\n"
+            f"m = transformers.AutoModelForCausalLM.from_pretrained({d!r})\n"
+            "print('LOADED')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, cwd="/")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "LOADED" not in out
+    assert "ignore_mismatched_sizes" in out  # transformers' own refusal
+    assert "import_lqlora_ext_before_from_pretrained" in out
+    assert "q_proj.weight" in out and "MISMATCH" in out
+
+
+def test_placeholders_are_written_and_ignored_on_load(saved_llama, caplog):
+    m, d, _ = saved_llama
+    state = _lq_state(d)
+    for name in _lq_layers(m):
+        assert state[f"{name}.weight"].shape == (0,)
+        assert state[f"{name}.weight"].dtype == torch.uint8
+    with caplog.at_level("WARNING"):
+        AUTO.from_pretrained(d)
+    assert "LOAD REPORT" not in caplog.text and "UNEXPECTED" not in caplog.text
+
+
+def _find_module(qc, shape, block_size):
+    return next(n for n, e in qc["modules"].items()
+                if e["shape"] == shape and e["quant"]["block_size"] == block_size)
+
+
+def test_edited_block_size_with_matching_lengths_refused(saved_llama, tmp_path):
+    """k_proj is 32x64: block size 64 -> 128 keeps every packed length (one 32-block
+    scale group, one second-level group), so only the config digest can tell."""
+    from lqlora_ext.integrations import hf
+    d = _copy(saved_llama[1], tmp_path / "c")
+    with open(os.path.join(d, "config.json")) as f:
+        name = _find_module(json.load(f)["quantization_config"], [32, 64], 64)
+    _edit_config(d, lambda qc: qc["modules"][name]["quant"].__setitem__("block_size", 128))
+    with open(os.path.join(d, "config.json")) as f:
+        qc = hf.LQLoRAQuantizationConfig(**json.load(f)["quantization_config"])
+    from lqlora_ext.io.layout import check_layout
+    check_layout(qc.modules, hf.read_file_layout([os.path.join(d, "model.safetensors")]),
+                 where="x", placeholders=True)  # the layout alone cannot see it
+    with pytest.raises(ValueError, match="modified after saving"):
+        AUTO.from_pretrained(d)
+
+
+def test_deleted_module_entry_refused(saved_llama, tmp_path):
+    d = _copy(saved_llama[1], tmp_path / "c")
+    name = "model.layers.1.mlp.down_proj"
+    _edit_config(d, lambda qc: qc["modules"].pop(name))
+    with pytest.raises(ValueError, match=f"{name}.* that the config does not list"):
+        AUTO.from_pretrained(d)
+
+
+def test_rank_zero_edit_refused(saved_llama, tmp_path):
+    d = _copy(saved_llama[1], tmp_path / "c")
+    name = "model.layers.0.self_attn.q_proj"
+    _edit_config(d, lambda qc: qc["modules"][name].__setitem__("rank", 0))
+    with pytest.raises(ValueError, match=f"{name}.lora_A.*is not part of module"):
+        AUTO.from_pretrained(d)
+
+
+@pytest.mark.parametrize("edit", ["qcodes_bytes", "lora_B_inf", "embedding"])
+def test_overwritten_tensor_bytes_refused(saved_llama, tmp_path, edit):
+    d = _copy(saved_llama[1], tmp_path / "c")
+    state = _lq_state(d)
+    key = {"qcodes_bytes": "model.layers.1.mlp.up_proj.qcodes",
+           "lora_B_inf": "model.layers.0.self_attn.v_proj.lora_B",
+           "embedding": "model.embed_tokens.weight"}[edit]
+    t = state[key].clone()
+    if edit == "qcodes_bytes":
+        t[3] ^= 0x5A5A
+    elif edit == "lora_B_inf":
+        t[2, 1] = float("inf")
+    else:
+        t[5, 5] += 1.0
+    state[key] = t
+    _write_state(d, state)
+    with pytest.raises(ValueError, match=f"{key}.*does not match its digest"):
+        AUTO.from_pretrained(d)
+
+
+def test_non_finite_adapter_refused_even_with_matching_digests(saved_llama, tmp_path):
+    """Digests recomputed by whoever wrote the inf: the finite check still refuses it."""
+    from lqlora_ext.io.layout import tensor_digest
+    from lqlora_ext.integrations import hf
+    d = _copy(saved_llama[1], tmp_path / "c")
+    state = _lq_state(d)
+    key = "model.layers.0.mlp.gate_proj.lora_B"
+    state[key][0, 3] = float("nan")
+    _write_state(d, state)
+
+    def redigest(qc):
+        qc["digests"][key] = tensor_digest(state[key])
+        obj = hf.LQLoRAQuantizationConfig(**{k: v for k, v in qc.items() if k != "digest"})
+        qc["digest"] = obj.current_digest()
+    _edit_config(d, redigest)
+    with pytest.raises(ValueError, match=rf"{key}.*non-finite value \(nan\) at \[0, 3\]"):
+        AUTO.from_pretrained(d)
+
+
+def test_config_without_digests_refused(saved_llama, tmp_path):
+    d = _copy(saved_llama[1], tmp_path / "c")
+    _edit_config(d, lambda qc: (qc.pop("digests"), qc.pop("digest")))
+    with pytest.raises(ValueError, match="no digests.*save it again"):
+        AUTO.from_pretrained(d)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("bits", 4.7, "bits must be an int"), ("block_size", "64", "block_size must be an int"),
+    ("scale_dtype", "float64", "scale_dtype must be one of"),
+])
+def test_config_types_validated(saved_llama, tmp_path, field, value, match):
+    d = _copy(saved_llama[1], tmp_path / "c")
+    _edit_config(d, lambda qc: qc["modules"]["model.layers.0.mlp.up_proj"]["quant"]
+                 .__setitem__(field, value))
+    with pytest.raises(ValueError, match=f"model.layers.0.mlp.up_proj.*{match}"):
+        AUTO.from_pretrained(d)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("rank", 4.0, "rank must be an integer"), ("rank", -1, "rank must be an integer >= 0"),
+    ("shape", [64], r"shape must be \[out, in\]"), ("bias", "no", "bias must be true or false"),
+    ("scaling", None, "scaling must be a finite number"),
+])
+def test_module_entry_fields_validated(saved_llama, tmp_path, field, value, match):
+    d = _copy(saved_llama[1], tmp_path / "c")
+    _edit_config(d, lambda qc: qc["modules"]["model.layers.0.mlp.up_proj"]
+                 .__setitem__(field, value))
+    with pytest.raises(ValueError, match=f"corrupt quantization_config entry.*{match}"):
+        AUTO.from_pretrained(d)
+
+
+def test_save_refuses_non_finite_adapters(tmp_path):
+    m = tiny.quantized_llama()
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.lora_A[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.lora_A.*\[0, 0\].*diverged"):
+        m.save_pretrained(tmp_path / "x")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda qc: qc.__setitem__("modules", ["model.layers.0.mlp.up_proj"]),
+     "'modules' must be a non-empty object"),
+    (lambda qc: qc.__setitem__("digests", ["x"]), "'digests' must map tensor names"),
+    (lambda qc: qc["digests"].__setitem__("lm_head.weight", 7), "'digests' must map"),
+    (lambda qc: qc["modules"].__setitem__("model.layers.0.mlp.up_proj", "x"),
+     "entry must be an object"),
+], ids=["modules-list", "digests-list", "digest-int", "entry-str"])
+def test_corrupt_config_structure_named(saved_llama, tmp_path, edit, match):
+    d = _copy(saved_llama[1], tmp_path / "c")
+    _edit_config(d, edit)
+    with pytest.raises(ValueError, match=match):
+        AUTO.from_pretrained(d)

@@ -49,11 +49,17 @@ def counting(monkeypatch):
 
 
 def which(calls, ws):
-    """Names of the matrices in calls."""
-    out = []
+    """Names of the matrices in calls (each once)."""
+    out = set()
     for w, _ in calls:
-        out += [n for n, v in ws.items() if v.shape == w.shape and torch.equal(v, w)]
+        out |= {n for n, v in ws.items() if v.shape == w.shape and torch.equal(v, w)}
     return sorted(out)
+
+
+def key_of(w, fisher=None, **kw):
+    s = dict(rank=RANK, seed=0, max_iters=100, tol=1e-3, threads=1)
+    s.update(kw)
+    return profiling._key(w, fisher, profiling.cache_settings(w.device.type, **s))
 
 
 def run(ws, cache_dir=None, workers=1, **kw):
@@ -109,8 +115,7 @@ def test_cache_resumes_only_missing_matrix(tmp_path, counting):
     assert counting == []
 
     # delete one matrix's file: only that matrix is recomputed
-    key_b = profiling._key(ws["b"], None, {"v": profiling.PROFILE_VERSION, "rank": RANK,
-                                           "seed": 0, "max_iters": 100, "tol": 1e-3})
+    key_b = key_of(ws["b"])
     path_b = os.path.join(cache, key_b + ".json")
     assert path_b in files
     mtimes = {f: os.stat(f).st_mtime_ns for f in files if f != path_b}
@@ -118,7 +123,7 @@ def test_cache_resumes_only_missing_matrix(tmp_path, counting):
     counting.clear()
     assert torch.equal(run(ws, cache), first)
     assert which(counting, ws) == ["b"]
-    assert len(counting[0][1]) == len(CONFIGS)
+    assert len(counting) == len(CONFIGS)  # one task per (matrix, config) pair
     assert os.path.exists(path_b)
     assert {f: os.stat(f).st_mtime_ns for f in mtimes} == mtimes  # others untouched
 
@@ -141,8 +146,7 @@ def test_cache_adds_only_missing_configs(tmp_path, counting):
 
 def test_changed_inputs_change_the_key(tmp_path, counting):
     ws = weights()
-    settings = {"v": profiling.PROFILE_VERSION, "rank": RANK, "seed": 0, "max_iters": 100,
-                "tol": 1e-3}
+    settings = profiling.cache_settings("cpu", RANK, 0, 100, 1e-3, 1)
     k = profiling._key(ws["a"], None, settings)
     w2 = ws["a"].clone()
     w2[5, 7] += 1e-3
@@ -152,7 +156,7 @@ def test_changed_inputs_change_the_key(tmp_path, counting):
     assert profiling._key(ws["a"].reshape(64, 48), None, settings) != k
     assert profiling._key(ws["a"], torch.ones_like(ws["a"]), settings) != k
     for field, value in (("rank", 8), ("seed", 1), ("max_iters", 50), ("tol", 0.0),
-                         ("v", settings["v"] + 1)):
+                         ("v", settings["v"] + 1), ("threads", 2), ("device", "cuda")):
         assert profiling._key(ws["a"], None, {**settings, field: value}) != k
 
     cache = str(tmp_path)
@@ -194,8 +198,9 @@ def test_torn_or_foreign_cache_file_is_recomputed(tmp_path, counting, content):
     with open(victim, "w") as f:
         f.write(content)
     counting.clear()
-    again = run(ws, cache)
-    assert len(counting) == 1
+    with pytest.warns(RuntimeWarning, match="cost cache file .*" + os.path.basename(victim)):
+        again = run(ws, cache)
+    assert len(which(counting, ws)) == 1 and len(counting) == len(CONFIGS)
     assert torch.equal(again, first)
     with open(victim) as f:  # rewritten whole
         assert set(json.load(f)["costs"]) == {c.name for c in CONFIGS}
@@ -224,3 +229,123 @@ def test_map_matrices_order_and_inline():
 
 def _square(x):
     return x * x
+
+
+# ------------------------------------------------------------ corrupt entries, regimes
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, [1.0, 2.0], {"x": 1}, True, 1e400],
+                         ids=["nan", "negative", "list", "object", "bool", "inf"])
+def test_invalid_cache_entries_named_and_recomputed(tmp_path, counting, bad):
+    ws = {"a": weights()["a"]}
+    first = run(ws, str(tmp_path))
+    (path,) = glob.glob(os.path.join(str(tmp_path), "*.json"))
+    with open(path) as f:
+        data = json.load(f)
+    data["costs"][CONFIGS[1].name] = bad
+    with open(path, "w") as f:
+        f.write(json.dumps(data))  # NaN/Infinity are written as JSON extensions
+    counting.clear()
+    with pytest.warns(RuntimeWarning, match=rf"{os.path.basename(path)} has 1 invalid entry "
+                                            rf"\({CONFIGS[1].name}="):
+        again = run(ws, str(tmp_path))
+    assert torch.equal(again, first)
+    assert [c[0]["bits"] for _, c in counting] == [CONFIGS[1].bits]  # only that one
+    with open(path) as f:
+        assert json.load(f)["costs"][CONFIGS[1].name] == first[0, 1].item()
+
+
+def test_costs_independent_of_thread_and_worker_count(tmp_path):
+    """The decompositions run with one intra-op thread whatever torch is set to, so the
+    costs are the same bits in-process at 1 or 2 threads and over 2 workers."""
+    ws = weights()
+    fs = fishers(ws)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = run(ws, fishers=fs)
+        assert torch.get_num_threads() == 2  # restored after each decomposition
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    one = run(ws, fishers=fs)
+    assert torch.equal(one, two)
+    assert torch.equal(run(ws, fishers=fs, workers=2), one)
+
+
+def test_unpinned_threads_get_their_own_cache_entries(tmp_path, counting):
+    ws = {"a": weights()["a"]}
+    run(ws, str(tmp_path))
+    counting.clear()
+    run(ws, str(tmp_path), threads=None)  # torch's setting, 1 here: the same numerics
+    assert counting == []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(ws, str(tmp_path), threads=None, workers=2)  # 2 threads: another regime
+    finally:
+        torch.set_num_threads(before)
+    assert len(counting) == len(CONFIGS)  # and in this process, whatever workers says
+    assert len(glob.glob(os.path.join(str(tmp_path), "*.json"))) == 2
+
+
+# -------------------------------------------------------------------------- Ctrl-C
+_INTERRUPTED = r"""
+import sys, torch
+import lqlora_ext as L
+from lqlora_ext.method.profiling import profile_costs
+g = torch.Generator().manual_seed(0)
+ws = {f"m{i}": torch.randn(160, 224, generator=g) for i in range(8)}
+grid = [L.QuantConfig(b, bs) for b in (2, 3, 4) for bs in (32, 64)]
+profile_costs(ws, grid, 8, cache_dir=sys.argv[1], workers=2, progress=False, tol=0.0)
+print("finished")
+"""
+
+
+def _alive_with(marker):
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_ctrl_c_stops_promptly_and_keeps_finished_results(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = str(tmp_path / "cache")
+    marker = f"lqlora-ctrl-c-{os.getpid()}"
+    p = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, cache, marker],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # its own group: Ctrl-C reaches all of it
+    try:
+        deadline = time.time() + 240
+        while not glob.glob(os.path.join(cache, "*.json")):
+            assert p.poll() is None, p.communicate()
+            assert time.time() < deadline, "no result was cached in time"
+            time.sleep(0.05)
+        t0 = time.time()
+        os.killpg(p.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
+        out, err = p.communicate(timeout=30)
+        stopped = time.time() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert "finished" not in out and "KeyboardInterrupt" in err
+    assert stopped < 5.0, f"took {stopped:.1f} s to stop"
+    time.sleep(0.2)
+    assert _alive_with(marker) == [], "worker processes outlived Ctrl-C"
+    files = glob.glob(os.path.join(cache, "*"))
+    assert files and all(f.endswith(".json") for f in files)  # nothing half-written
+    kept = 0
+    for f in files:
+        with open(f) as fh:
+            costs = json.load(fh)["costs"]
+        assert costs and all(isinstance(v, float) and v > 0 for v in costs.values())
+        kept += len(costs)
+    assert kept < 48  # it really stopped early

@@ -58,7 +58,7 @@ def test_gradients_match_dense_reference(shape, cfg, rank, bias, lead):
     torch.testing.assert_close(lay.lora_A.grad, A.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lay.lora_B.grad, B.grad, rtol=1e-5, atol=1e-5)
     assert lay.bias is None or lay.bias.grad is None  # frozen
-    assert all(not b.requires_grad for b in lay.buffers())
+    assert all(not getattr(lay, k).requires_grad for k in ("qcodes", "qscales", "scale2", "offset"))
 
 
 def test_q_only_layer_gives_input_gradient():
@@ -142,7 +142,7 @@ def _ddp_worker(rank, world, port, out_dir):
         seqs = tiny.tokens(4, 16, seed=11)
         mine = seqs[rank::world]
         model(mine, labels=mine).loss.backward()
-        q = torch.cat([b.view(-1).to(torch.int32) for n, b in m.named_buffers()
+        q = torch.cat([b.detach().view(-1).to(torch.int32) for n, b in m.named_parameters()
                        if n.endswith("qcodes")])
         qs = [torch.empty_like(q) for _ in range(world)]
         dist.all_gather(qs, q)

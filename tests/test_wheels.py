@@ -147,3 +147,44 @@ def test_stamp_refuses_a_stamped_wheel(tmp_path):
     _fake_wheel(raw, "2.13.0", "")
     with pytest.raises(SystemExit, match="already has a local version"):
         _load_stamp().stamp(str(raw), str(tmp_path / "out"))
+
+
+# ------------------------------------------------------------------ scripts/smoke_test.py
+def _load_smoke():
+    spec = importlib.util.spec_from_file_location(
+        "smoke_test", os.path.join(ROOT, "scripts", "smoke_test.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_smoke_venv_sees_this_torch_but_runs_no_pth_hooks(tmp_path, monkeypatch):
+    # --system-torch: the fresh venv imports the running interpreter's torch, its own
+    # site-packages first, and the .pth files beside that torch do not run there (an editable
+    # `pip install -e .` keeps its import hook in one, which would shadow the wheel under test)
+    import subprocess
+    import sys
+
+    other = tmp_path / "other" / "site-packages"
+    other.mkdir(parents=True)
+    (other / "hook.pth").write_text("import sys; sys.stderr.write('HOOK RAN\\n')\n")
+    (other / "probe_mod.py").write_text("WHERE = 'beside torch'\n")
+    (other / "only_there.py").write_text("")
+    monkeypatch.setattr(sys, "path", sys.path + [str(other)])
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    py = str(venv / "bin" / "python")
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(purelib, "probe_mod.py"), "w") as f:
+        f.write("WHERE = 'venv'\n")
+    _load_smoke().link_packages(py)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([py, "-c", "import torch, probe_mod, only_there; "
+                                  "print(torch.__file__); print(probe_mod.WHERE)"],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    torch_file, where = r.stdout.split()
+    assert os.path.samefile(torch_file, torch.__file__)
+    assert where == "venv" and "HOOK RAN" not in r.stderr

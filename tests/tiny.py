@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from lqlora_ext import LQLoRAConfig, QuantConfig, quantize_model
+from lqlora_ext import LQLinear, LQLoRAConfig, QuantConfig, quantize_model
 
 # Mixed scale dtypes so loaders that cast floats would be caught.
 GRID = [QuantConfig(2, 64, 8, 256), QuantConfig(3, 32, 4, 64, torch.bfloat16),
@@ -50,3 +50,20 @@ def quantized_llama(seed: int = 0, model_kw=None, **kw):
 def tokens(batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 128, (batch, seq), generator=g)
+
+
+def mixed_llama(configs=GRID, seed: int = 0):
+    """A quantized tiny Llama whose layers cycle through ``configs`` (different bits, block
+    sizes and scale dtypes, hence packed lengths, inside every decoder layer), as the ILP
+    would mix them but without its cost profile: fast enough for multi-process tests."""
+    from lqlora_ext.integrations.hf_hook import attach_hf
+
+    m = quantized_llama(seed, grid=[configs[0]], max_iters=2)
+    layers = [(n, lay) for n, lay in m.named_modules() if isinstance(lay, LQLinear)]
+    for i, (name, lay) in enumerate(layers):
+        cfg = configs[i % len(configs)]
+        if cfg != lay.quant_config:
+            parent, _, child = name.rpartition(".")
+            setattr(m.get_submodule(parent), child, lay.requantize(cfg, max_iters=2))
+    attach_hf(m)
+    return m

@@ -41,9 +41,29 @@ struct LoraView {
   DType b_dtype;
   int rank;
   float scale;
-  float* t;       // workspace fp32 [M, rank] (= x @ a^T)
-  int* ready;     // workspace int32 [1] (the fused kernels' producer counter; zeroed here)
+  float* t;       // workspace fp32 [lora_t_floats(M, cols, rank)] (x @ a^T, K-slice partials)
+  int* ready;     // workspace int32 [lora_ready_ints(M, rank)] (the fused kernels' counters;
+                  // zeroed by the launch)
 };
+
+// The fused kernels' LoRA work split (lora.cuh): tiles of kLoraJ columns of t by kLoraTileM
+// rows of x, each split over K into lora_k_slices(cols) producer blocks of kLoraKChunk.
+constexpr int kLoraJ = 4;
+constexpr int kLoraTileM = 16;
+constexpr int kLoraKChunk = 512;
+constexpr int kLoraMaxSlices = 16;
+inline int lora_tiles(int rank, int M) {
+  return ((rank + kLoraJ - 1) / kLoraJ) * ((M + kLoraTileM - 1) / kLoraTileM);
+}
+inline int lora_k_slices(int64_t cols) {
+  const int64_t s = (cols + kLoraKChunk - 1) / kLoraKChunk;
+  return static_cast<int>(s < 1 ? 1 : s > kLoraMaxSlices ? kLoraMaxSlices : s);
+}
+inline int64_t lora_t_floats(int64_t M, int64_t cols, int64_t rank) {
+  const int s = lora_k_slices(cols);
+  return (s == 1 ? 1 : 1 + s) * M * rank;
+}
+inline int64_t lora_ready_ints(int M, int rank) { return 1 + lora_tiles(rank, M); }
 
 // ŝ[j] for j in [0, nblocks): fp32 out[nblocks], bit-exact with the CPU.
 cudaError_t launch_unpack_scales(const uint32_t* qscales, const void* scale2, DType scale2_dtype,

@@ -221,8 +221,9 @@ at::Tensor qmatmul_cuda(const at::Tensor& x, const at::Tensor& qcodes, const at:
     if (a.defined() && a.size(0) > 0) {
       a = a.contiguous();
       b = b.contiguous();
-      t = at::empty({M, a.size(0)}, x.options().dtype(at::kFloat));
-      ready = at::empty({1}, x.options().dtype(at::kInt));
+      t = at::empty({lora_t_floats(M, K, a.size(0))}, x.options().dtype(at::kFloat));
+      ready = at::empty({lora_ready_ints(static_cast<int>(M), static_cast<int>(a.size(0)))},
+                        x.options().dtype(at::kInt));
       lv = LoraView{a.data_ptr(), to_dtype(a.scalar_type(), "qmatmul", "lora_a"),
                     b.data_ptr(), to_dtype(b.scalar_type(), "qmatmul", "lora_b"),
                     static_cast<int>(a.size(0)), static_cast<float>(lora_scale),

@@ -38,11 +38,12 @@ cudaError_t qmatmul_small(const XT* x, int M, const PackedView& w, const LoraVie
     return cudaGetLastError();
   }
   // The LoRA term in the same launch (lora.cuh): producer blocks first, a zeroed counter.
-  LoraFused lf{nullptr, DType::kFloat32, nullptr, DType::kFloat32, 0, 0.f, nullptr, nullptr, 0};
+  LoraFused lf{nullptr, DType::kFloat32, nullptr, DType::kFloat32, 0, 0.f, nullptr, nullptr,
+               0, 1, 0};
   if (lora != nullptr) {
-    lf = LoraFused{lora->a, lora->a_dtype, lora->b, lora->b_dtype, lora->rank, lora->scale,
-                   lora->t, lora->ready, lora_producers(lora->rank, M)};
-    cudaError_t err = cudaMemsetAsync(lora->ready, 0, sizeof(int), stream);
+    lf = lora_fused(*lora, M, K);
+    cudaError_t err = cudaMemsetAsync(lora->ready, 0, sizeof(int) * lora_ready_ints(M, lf.rank),
+                                      stream);
     if (err != cudaSuccess) return err;
   }
   if (kMma && M > kMmaMinM) {

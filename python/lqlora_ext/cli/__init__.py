@@ -1,4 +1,4 @@
-"""The ``lqlora`` command line (``lqlora quantize | finetune | eval``), its finetuning loop
+"""The ``lqlora`` command line (``lqlora quantize | fisher | finetune | eval``), its finetuning loop
 and its built-in text data."""
 from .commands import main
 

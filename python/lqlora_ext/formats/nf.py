@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Dict, Optional
 
 import torch
@@ -41,7 +42,15 @@ class QuantConfig:
     scale_dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        # Exact types: 64.0 == 64 and True == 1 in Python, so a membership test alone would
+        # accept QuantConfig(block_size=64.0) and fail much later in a kernel.
+        for field in ("bits", "block_size", "scale_bits", "scale_block_size"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"QuantConfig: {field} must be an int, got "
+                                 f"{type(v).__name__} {v!r}")
+            object.__setattr__(self, field, int(v))  # numpy ints: a plain int, hashable alike
+        if not 2 <= self.bits <= 8:
             raise ValueError(f"QuantConfig: bits must be an integer in 2..8, got {self.bits!r}")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"QuantConfig: block_size must be one of {BLOCK_SIZES}, "
@@ -52,7 +61,7 @@ class QuantConfig:
         if self.scale_block_size not in SCALE_BLOCK_SIZES:
             raise ValueError(f"QuantConfig: scale_block_size must be one of "
                              f"{SCALE_BLOCK_SIZES}, got {self.scale_block_size!r}")
-        if self.scale_dtype not in _DTYPE_BITS:
+        if not isinstance(self.scale_dtype, torch.dtype) or self.scale_dtype not in _DTYPE_BITS:
             raise ValueError("QuantConfig: scale_dtype must be torch.float32, torch.float16 or "
                              f"torch.bfloat16, got {self.scale_dtype!r}")
 
@@ -76,11 +85,27 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "QuantConfig":
+        """Inverse of :meth:`to_dict`. Strict: every field present with its exact JSON type
+        (``bits: 4.7`` or ``"4"`` is refused, not rounded), no unknown fields."""
+        fields = ("bits", "block_size", "scale_bits", "scale_block_size", "scale_dtype")
+        if not isinstance(d, dict):
+            raise ValueError(f"QuantConfig.from_dict: expected an object with fields "
+                             f"{list(fields)}, got {type(d).__name__}")
+        missing = [k for k in fields if k not in d]
+        unknown = sorted(set(d) - set(fields))
+        if missing or unknown:
+            raise ValueError(f"QuantConfig.from_dict: "
+                             + (f"missing fields {missing}" if missing else "")
+                             + ("; " if missing and unknown else "")
+                             + (f"unknown fields {unknown}" if unknown else ""))
+        if d["scale_dtype"] not in _NAME_DTYPES:
+            raise ValueError(f"QuantConfig.from_dict: scale_dtype must be one of "
+                             f"{sorted(_NAME_DTYPES)}, got {d['scale_dtype']!r}")
         try:
-            return cls(int(d["bits"]), int(d["block_size"]), int(d["scale_bits"]),
-                       int(d["scale_block_size"]), _NAME_DTYPES[d["scale_dtype"]])
-        except KeyError as e:
-            raise ValueError(f"QuantConfig.from_dict: missing or invalid field {e}") from None
+            return cls(d["bits"], d["block_size"], d["scale_bits"], d["scale_block_size"],
+                       _NAME_DTYPES[d["scale_dtype"]])
+        except ValueError as e:
+            raise ValueError(str(e).replace("QuantConfig:", "QuantConfig.from_dict:")) from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,11 +11,22 @@ rose). Differences from the reference loop, all measured in bench/decompose.py:
   (default 5e-4; tol=0 gives the reference's stopping rule);
 - Fisher weighting (two-sided row/column scaling of the low-rank step) guards zero rows and
   columns by flooring the scale at 1e-6 of its largest value.
+
+Determinism: CPU BLAS/LAPACK results (MKL's QR, SVD and dot products) depend on the
+number of intra-op threads, and the loop amplifies the last-bit differences (the stopping
+iteration, hence the error, changes). Every decomposition therefore runs with one intra-op
+thread by default (``threads=1``): the result is the same bits for any torch thread
+setting, worker count or number of ranks. Parallelism comes from decomposing several
+matrices at once in processes (method/profiling.py), which is also faster for the
+~100M-parameter models' small matrices; one large matrix in-process on an idle many-core
+machine is the case where ``threads=None`` (torch's setting, thread-dependent bits) is
+faster (bench/results/decompose_threads.md).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 from torch import Tensor
@@ -46,10 +57,39 @@ class Decomposition:
         return self.q.dequantize() + self.l1 @ self.l2
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: Optional[int]) -> Iterator[None]:
+    """Run the enclosed torch CPU work with ``n`` intra-op threads (None: leave torch's
+    setting), restoring the previous count afterwards. The setting is process-wide."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def first_non_finite(t: Tensor) -> Optional[tuple]:
+    """``(position, value)`` of the first NaN/Inf of ``t`` in row-major order, or None."""
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return None
+    pos = tuple(int(i) for i in bad.nonzero()[0])
+    return list(pos), float(t[pos])
+
+
 def _check(w: Tensor, rank: int, fisher: Optional[Tensor]):
     if not isinstance(w, Tensor) or w.dim() != 2 or not w.dtype.is_floating_point:
         raise ValueError(f"decompose: weight must be a 2-D floating tensor, got "
                          f"{getattr(w, 'dtype', type(w))} {tuple(getattr(w, 'shape', ()))}")
+    if w.device.type != "meta":
+        bad = first_non_finite(w.detach())
+        if bad is not None:
+            raise ValueError(f"decompose: weight {tuple(w.shape)} has a non-finite value "
+                             f"({bad[1]}) at {bad[0]}")
     if not isinstance(rank, int) or rank < 0 or rank >= min(w.shape):
         raise ValueError(f"decompose: rank must be an integer with 0 <= rank < min(out, in) = "
                          f"{min(w.shape)}, got {rank!r}")
@@ -99,7 +139,7 @@ def lowrank(r: Tensor, rank: int, *, seed: int = 0, exact: bool = False,
 
 def decompose(w: Tensor, config: QuantConfig, rank: int, *, fisher: Optional[Tensor] = None,
               max_iters: int = 100, seed: int = 0, exact_svd: bool = False, tol: float = 5e-4,
-              warm_start: bool = True) -> Decomposition:
+              warm_start: bool = True, threads: Optional[int] = 1) -> Decomposition:
     """Decompose ``w [out, in]`` into a quantized part plus a rank-``rank`` part.
 
     fisher: optional ``[out, in]`` diagonal Fisher (data-aware variant, METHOD.md §3).
@@ -107,12 +147,24 @@ def decompose(w: Tensor, config: QuantConfig, rank: int, *, fisher: Optional[Ten
     exact_svd: use torch.linalg.svd (slow; for checks). tol: stop when the relative error
     improvement is below tol (0 = the reference rule: stop only when the error rises).
     warm_start: continue each randomized SVD from the previous subspace.
+    threads: intra-op threads for the CPU work (1, the default: bit-identical results for
+    any torch thread setting, and no oversubscription of busy cores; None: torch's
+    current setting, whose results depend on it). The setting is process-wide while the
+    call runs.
     """
     _check(w, rank, fisher)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"decompose: config must be a QuantConfig, got {type(config).__name__}")
-    if max_iters < 1:
-        raise ValueError(f"decompose: max_iters must be >= 1, got {max_iters}")
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"decompose: max_iters must be an integer >= 1, got {max_iters!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"decompose: threads must be None or an integer >= 1, got {threads!r}")
+    with intra_op_threads(threads):
+        return _decompose(w, config, rank, fisher, max_iters, seed, exact_svd, tol, warm_start)
+
+
+def _decompose(w, config, rank, fisher, max_iters, seed, exact_svd, tol, warm_start):
     W = w.detach().to(torch.float32)
     F = None if fisher is None else fisher.detach().to(W.device, torch.float32)
 

@@ -49,6 +49,12 @@ def _rows(batch: Any, index: int) -> Iterator[Tuple[Dict[str, Tensor], int]]:
         yield row, r
 
 
+def _numbered_rows(source) -> Iterator[Tuple[Dict[str, Tensor], int, int]]:
+    for bi, batch in enumerate(source):
+        for inputs, r in _rows(batch, bi):
+            yield inputs, bi, r
+
+
 def _count_sequences(batches) -> Optional[int]:
     if isinstance(batches, Tensor):
         return 1 if batches.dim() == 1 else batches.shape[0]
@@ -75,6 +81,53 @@ def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _vocab_size(model: nn.Module) -> Optional[int]:
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            return None
+        n = getattr(emb, "num_embeddings", None)
+        return n if isinstance(n, int) else None
+    return None
+
+
+def _check_ids(ids: Tensor, vocab: Optional[int], bi: int, r: int) -> None:
+    """Token ids outside the embedding table would fail deep inside the model (an
+    IndexError, or a device assert on a GPU): name the batch, row and position instead."""
+    if vocab is None or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        pos = int(bad.reshape(-1).nonzero()[0])
+        raise ValueError(f"estimate_fisher: batch {bi}, row {r}: token id "
+                         f"{int(ids.reshape(-1)[pos])} at position {pos} is outside the "
+                         f"model's vocabulary (0..{vocab - 1}); was the calibration text "
+                         f"tokenized with another model's tokenizer?")
+
+
+def sequence_loss(model: nn.Module, inputs: Dict[str, Any], device: torch.device, bi: int,
+                  r: int) -> Tensor:
+    """The LM loss of one calibration sequence, refusing token ids outside the vocabulary,
+    models without a loss and non-finite losses (naming the batch and row)."""
+    ids = inputs.get("input_ids")
+    if isinstance(ids, Tensor):
+        _check_ids(ids, _vocab_size(model), bi, r)
+    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    out = model(**inputs)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        raise ValueError("estimate_fisher: the model returned no loss; it must accept "
+                         "labels=... and return .loss (a *ForCausalLM or *ForMaskedLM model)")
+    if not torch.isfinite(loss.detach()).all():
+        raise ValueError(f"estimate_fisher: non-finite loss ({loss.item()}) on batch {bi}, "
+                         f"row {r} (a sequence with no labelled tokens?)")
+    return loss
 
 
 def estimate_fisher(model: nn.Module, batches: Iterable,
@@ -106,18 +159,27 @@ def estimate_fisher(model: nn.Module, batches: Iterable,
     A targeted module that gets no gradient (e.g. an unused pooler) keeps an all-zero
     entry, with a warning.
 
+    FSDP2-sharded models (weights are DTensor shards, e.g. after ``fully_shard``): every
+    rank passes the same ``batches``; the sequences are dealt round-robin to the ranks, each
+    rank squares its own per-sequence gradient before FSDP's reduce-scatter sums them, and
+    accumulates only its shard. The result equals the single-process Fisher (up to fp32
+    summation order) with per-rank memory of one shard; entries are then DTensors sharded
+    like their weights (``.full_tensor()`` gathers one, ``.to_local()`` is this rank's).
+
     The model's ``requires_grad`` flags, existing ``.grad`` of the targeted weights, and each
     submodule's train/eval mode are restored afterwards, also on error.
     """
     modules = select_linear_modules(model, target_modules)
     device = _model_device(model)
+    vocab = _vocab_size(model)
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     saved_modes = [(m, m.training) for m in model.modules()]
     weights = {name: m.weight for name, m in modules.items()}
+    from .fisher_fsdp import local_zeros, sharded_weights
+    sharded = sharded_weights(weights)
     saved_grads = {id(w): w.grad for w in weights.values()}
-    fisher = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-              for name, w in weights.items()}
+    fisher = {name: local_zeros(w) for name, w in weights.items()}
     seen = {name: False for name in weights}
 
     from tqdm.auto import tqdm
@@ -131,27 +193,20 @@ def estimate_fisher(model: nn.Module, batches: Iterable,
             w.grad = None
         model.eval()
         total = _count_sequences(batches)
-        bar = tqdm(total=total, disable=not progress, desc="Fisher", unit="seq")
+        main_rank = not sharded or torch.distributed.get_rank() == 0  # one bar per job
+        bar = tqdm(total=total, disable=not progress or not main_rank, desc="Fisher",
+                   unit="seq")
         with torch.enable_grad(), bar:
             source = [batches] if isinstance(batches, Tensor) else batches
-            for bi, batch in enumerate(source):
-                for inputs, r in _rows(batch, bi):
-                    inputs = {k: v.to(device) if isinstance(v, Tensor) else v
-                              for k, v in inputs.items()}
-                    out = model(**inputs)
-                    loss = getattr(out, "loss", None)
-                    if loss is None and isinstance(out, Mapping):
-                        loss = out.get("loss")
-                    if loss is None:
-                        raise ValueError("estimate_fisher: the model returned no loss; it must "
-                                         "accept labels=... and return .loss (a *ForCausalLM "
-                                         "or *ForMaskedLM model)")
-                    if not torch.isfinite(loss.detach()).all():
-                        raise ValueError(f"estimate_fisher: non-finite loss "
-                                         f"({loss.item()}) on batch {bi}, row {r} (a sequence "
-                                         f"with no labelled tokens?)")
+            if sharded:
+                from .fisher_fsdp import sharded_loop
+                count = sharded_loop(model, modules, weights, _numbered_rows(source), fisher,
+                                     seen, device, bar)
+            else:
+                for inputs, bi, r in _numbered_rows(source):
+                    loss = sequence_loss(model, inputs, device, bi, r)
                     loss.backward()
-                    del out, loss
+                    del loss
                     for name, w in weights.items():
                         if w.grad is not None:
                             fisher[name].add_(w.grad.detach().float().square())
@@ -174,4 +229,7 @@ def estimate_fisher(model: nn.Module, batches: Iterable,
         warnings.warn(f"estimate_fisher: no gradient reached {len(unused)} targeted module(s) "
                       f"({', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}); their "
                       f"Fisher is all zeros (not used by the loss on this data)")
+    if sharded:
+        from .fisher_fsdp import as_sharded
+        return {name: as_sharded(f, weights[name]) for name, f in fisher.items()}
     return {name: f.cpu() for name, f in fisher.items()}

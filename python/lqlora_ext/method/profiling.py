@@ -1,18 +1,28 @@
 """Cost profiling for the ILP: the decomposition error of every (matrix, config) pair.
 
 Resumable: each matrix's costs are cached on disk in ``cache_dir/<key>.json``, where the
-key hashes the weight, its Fisher, the rank and every decomposition setting, so an
-interrupted profile picks up where it stopped and a changed input never reuses a stale
-cost. Work is spread over processes (one torch thread each), which uses every core far
-better than intra-op threading on ~100M-parameter models' small matrices.
+key hashes the weight, its Fisher, the rank, every decomposition setting and the numerics
+regime (device, intra-op threads), so an interrupted profile picks up where it stopped and
+a changed input never reuses a stale cost. Every finished pair is written at once
+(atomically), so Ctrl-C loses at most the decompositions still running; a cache entry that
+is not a finite non-negative number is named in a warning and recomputed.
+
+Work is spread over processes, one (matrix, config) pair per task, each process running
+torch with one intra-op thread: that uses every core far better than intra-op threading on
+~100M-parameter models' small matrices, and since every decomposition runs with one thread
+whatever the worker count (see :func:`~lqlora_ext.method.decomposition.decompose`), the
+costs are bit-identical for any number of workers, threads or ranks.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import secrets
+import signal
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +31,9 @@ from torch import Tensor
 from .decomposition import decompose
 from ..formats import QuantConfig
 
-PROFILE_VERSION = 2  # bump when the decomposition's numerics change (2: bnb-exact NF tables)
+# Bump when the decomposition's numerics change (2: bnb-exact NF tables; 3: one intra-op
+# thread for every decomposition, so earlier thread-dependent costs are not reused).
+PROFILE_VERSION = 3
 
 
 def _key(w: Tensor, fisher: Optional[Tensor], settings: dict) -> str:
@@ -41,14 +53,43 @@ def _profile_one(w: Tensor, fisher: Optional[Tensor], configs: List[dict], rank:
     for cd in configs:
         c = QuantConfig.from_dict(cd)
         d = decompose(w, c, rank, fisher=fisher, seed=settings["seed"],
-                      max_iters=settings["max_iters"], tol=settings["tol"])
+                      max_iters=settings["max_iters"], tol=settings["tol"],
+                      threads=settings["threads"])
         out[c.name] = d.error
     return out
 
 
-def _single_threaded(fn, *args):
+# ------------------------------------------------------------------------ worker pool
+# Task lists handed to forked workers by inheritance, by call (two map_matrices generators
+# may be alive at once, e.g. interleaved by a caller).
+_FORK_TASKS: Dict[int, Tuple[Callable, Sequence[tuple]]] = {}
+
+
+def _worker_init() -> None:
+    # Ctrl-C goes to the whole process group: the parent handles it (cancels, terminates
+    # the workers); a worker must neither die mid-write nor print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+
+
+def _run_forked(token: int, i: int):
+    fn, tasks = _FORK_TASKS[token]
+    return fn(*tasks[i])
+
+
+def _run_pickled(fn, *args):
     return fn(*args)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the workers now (they hold no files open)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
 
 
 def map_matrices(fn: Callable, tasks: Sequence[tuple], workers: Optional[int] = None
@@ -58,7 +99,10 @@ def map_matrices(fn: Callable, tasks: Sequence[tuple], workers: Optional[int] = 
     ``workers <= 1``, there is a single task, or the tensors live on a GPU.
 
     Why processes: the per-matrix work (small QR/SVD/GEMM calls) scales badly with
-    intra-op threads, and OpenMP threads spin when cores are oversubscribed.
+    intra-op threads, and OpenMP threads spin when cores are oversubscribed. On
+    KeyboardInterrupt (or any error, or the caller closing the generator) the pending
+    tasks are cancelled and the workers terminated at once; what was already yielded is
+    the caller's to keep.
     """
     if workers is None:
         workers = os.cpu_count() or 1
@@ -67,19 +111,50 @@ def map_matrices(fn: Callable, tasks: Sequence[tuple], workers: Optional[int] = 
         for i, t in enumerate(tasks):
             yield i, fn(*t)
         return
-    # fork: workers inherit the weights without pickling and, unlike spawn, need no
-    # `if __name__ == "__main__"` guard in the user's script. Workers run torch
-    # single-threaded, so no OpenMP pool is used across the fork.
+    # fork: workers inherit the tasks (weights included) without pickling and, unlike
+    # spawn, need no `if __name__ == "__main__"` guard in the user's script. Workers run
+    # torch single-threaded, so no OpenMP pool is used across the fork.
     import multiprocessing as mp
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
-        futs = {pool.submit(_single_threaded, fn, *t): i for i, t in enumerate(tasks)}
-        for fut in as_completed(futs):
-            yield futs[fut], fut.result()
+    fork = "fork" in mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if fork else "spawn")
+    token = id(tasks)
+    if fork:
+        _FORK_TASKS[token] = (fn, tasks)
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
+                               initializer=_worker_init)
+    try:
+        if fork:
+            futs = {pool.submit(_run_forked, token, i): i for i in range(len(tasks))}
+        else:
+            futs = {pool.submit(_run_pickled, fn, *t): i for i, t in enumerate(tasks)}
+        pending = set(futs)
+        while pending:
+            # A bounded wait keeps the main thread responsive to Ctrl-C on every platform.
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield futs[fut], fut.result()
+    except BaseException:
+        _stop(pool)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        _FORK_TASKS.pop(token, None)
 
 
+# ------------------------------------------------------------------------------ cache
 def _atomic_write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    """Replace ``path`` by ``obj`` as JSON in one rename (never a torn file), with the
+    usual file mode (0666 minus the umask; mkstemp would give 0600)."""
+    for _ in range(100):
+        tmp = os.path.join(os.path.dirname(path), f".{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise OSError(f"profile_costs: cannot create a temporary file in {os.path.dirname(path)}")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f)
@@ -90,16 +165,69 @@ def _atomic_write_json(path: str, obj) -> None:
         raise
 
 
+def _valid_cost(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+        and v >= 0
+
+
+def read_cache(path: str, wanted: Sequence[str]) -> Dict[str, float]:
+    """The usable cached costs of one matrix: ``{config name: cost}``. A file that cannot
+    be read, or entries that are not finite non-negative numbers, are named in a warning
+    and left out (so they are recomputed and the file rewritten)."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+        costs = data["costs"]
+        if not isinstance(costs, dict):
+            raise TypeError(f"'costs' is {type(costs).__name__}, not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"profile_costs: cost cache file {path} is unreadable ({type(e).__name__}:"
+                      f" {e}); recomputing it", RuntimeWarning, stacklevel=3)
+        return {}
+    bad = {k: v for k, v in costs.items() if k in wanted and not _valid_cost(v)}
+    if bad:
+        shown = ", ".join(f"{k}={v!r}" for k, v in list(bad.items())[:3])
+        warnings.warn(f"profile_costs: cost cache file {path} has {len(bad)} invalid entr"
+                      f"{'y' if len(bad) == 1 else 'ies'} ({shown}; a cost must be a finite "
+                      f"number >= 0); recomputing them", RuntimeWarning, stacklevel=3)
+    return {k: float(v) for k, v in costs.items() if _valid_cost(v)}
+
+
+def cache_settings(device: str, rank: int, seed: int, max_iters: int, tol: float,
+                   threads: Optional[int] = 1) -> dict:
+    """Everything besides the tensors that a cached cost depends on (hashed into its key;
+    every profiler of this cache, sharded or not, must use it): the decomposition settings
+    and the numerics regime (``device``: the type the decompositions run on, "cpu" or
+    "cuda"; intra-op threads: the count itself when ``threads`` is None, since the
+    results then depend on it)."""
+    return {"v": PROFILE_VERSION, "rank": rank, "seed": seed, "max_iters": max_iters,
+            "tol": tol, "device": torch.device(device).type,
+            "threads": torch.get_num_threads() if threads is None else threads}
+
+
+def _one_config(name, w, fisher, cd, rank, settings):
+    try:
+        return _profile_one(w, fisher, [cd], rank, settings)
+    except ValueError as e:  # name the matrix: the decomposition's message does not
+        raise ValueError(f"profile_costs: {name} ({QuantConfig.from_dict(cd).name}): {e}") \
+            from None
+
+
 def profile_costs(weights: Dict[str, Tensor], configs: Sequence[QuantConfig], rank: int, *,
                   fishers: Optional[Dict[str, Tensor]] = None, cache_dir: Optional[str] = None,
                   seed: int = 0, max_iters: int = 100, tol: float = 1e-3,
-                  workers: Optional[int] = None, progress: bool = True) -> Tensor:
+                  workers: Optional[int] = None, progress: bool = True,
+                  threads: Optional[int] = 1) -> Tensor:
     """Decomposition error for every matrix and config: fp64 ``[len(weights), len(configs)]``.
 
     weights: name -> ``[out, in]`` weight (row order of the result). fishers: name -> Fisher
     of the same shape (data-aware costs) or None. cache_dir: resumable cache directory
     (created if missing; None disables caching). workers: processes (default: all cores;
-    1 = in this process).
+    1 = in this process). threads: intra-op threads per decomposition (1, the default,
+    makes every cost independent of thread and worker counts; None = torch's setting, in
+    this process only, with its own cache entries).
     """
     from tqdm.auto import tqdm
 
@@ -107,52 +235,45 @@ def profile_costs(weights: Dict[str, Tensor], configs: Sequence[QuantConfig], ra
     if not configs:
         raise ValueError("profile_costs: no configs given")
     names = list(weights)
-    settings = {"v": PROFILE_VERSION, "rank": rank, "seed": seed, "max_iters": max_iters,
-                "tol": tol}
+    if fishers is not None:
+        for name in names:
+            if fishers.get(name) is None:
+                raise ValueError(f"profile_costs: no Fisher estimate for {name!r}")
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
     costs = torch.full((len(names), len(configs)), float("nan"), dtype=torch.float64)
-    todo = []  # (row, name, missing config dicts, cache path, cached dict)
+    wanted = [c.name for c in configs]
+    rows = []  # per matrix: (name, cache path, cached costs, settings)
+    todo = []  # (row, column) of every missing pair
     for i, name in enumerate(names):
-        f = None if fishers is None else fishers.get(name)
-        if fishers is not None and f is None:
-            raise ValueError(f"profile_costs: no Fisher estimate for {name!r}")
-        cached, path = {}, None
-        if cache_dir is not None:
-            path = os.path.join(cache_dir, _key(weights[name], f, settings) + ".json")
-            if os.path.exists(path):
-                try:
-                    with open(path) as fh:
-                        cached = json.load(fh)["costs"]
-                    if not isinstance(cached, dict) or not all(
-                            isinstance(v, (int, float)) for v in cached.values()):
-                        cached = {}
-                except (OSError, ValueError, KeyError, TypeError):
-                    cached = {}  # a torn or foreign file: recompute
-        missing = [c.to_dict() for c in configs if c.name not in cached]
+        w = weights[name]
+        f = None if fishers is None else fishers[name]
+        settings = {"seed": seed, "max_iters": max_iters, "tol": tol, "threads": threads}
+        path = None if cache_dir is None else os.path.join(cache_dir, _key(
+            w, f, cache_settings(w.device.type, rank, seed, max_iters, tol, threads)) + ".json")
+        cached = {} if path is None else read_cache(path, wanted)
+        rows.append((name, path, cached, settings))
         for j, c in enumerate(configs):
             if c.name in cached:
                 costs[i, j] = cached[c.name]
-        if missing:
-            todo.append((i, name, missing, path, cached))
+            else:
+                todo.append((i, j))
 
-    col = {c.name: j for j, c in enumerate(configs)}
-    bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="profiling costs",
-               unit="matrix", disable=not progress)
-
-    def finish(item, result):
-        i, name, _, path, cached = item
-        for cname, e in result.items():
-            costs[i, col[cname]] = e
-        if path is not None:
-            _atomic_write_json(path, {"name": name, "costs": {**cached, **result}})
-        bar.update(1)
-
-    get_f = (lambda n: None) if fishers is None else fishers.get
-    tasks = [(weights[it[1]].detach(), get_f(it[1]), it[2], rank, settings) for it in todo]
+    bar = tqdm(total=len(names) * len(configs), initial=len(names) * len(configs) - len(todo),
+               desc="profiling costs", unit="decomp", disable=not progress)
+    tasks = [(rows[i][0], weights[rows[i][0]].detach(), None if fishers is None else fishers[rows[i][0]],
+              configs[j].to_dict(), rank, rows[i][3]) for i, j in todo]
+    if threads is None:  # torch's own thread setting only means something in this process
+        workers = 1
     try:
-        for idx, result in map_matrices(_profile_one, tasks, workers):
-            finish(todo[idx], result)
+        for idx, result in map_matrices(_one_config, tasks, workers):
+            i, j = todo[idx]
+            name, path, cached, _ = rows[i]
+            cname = configs[j].name
+            costs[i, j] = cached[cname] = result[cname]
+            if path is not None:
+                _atomic_write_json(path, {"name": name, "costs": cached})
+            bar.update(1)
     finally:
         bar.close()
     return costs

@@ -3,13 +3,15 @@ low-rank adapter, computing ``y = x Q^T + scaling * (x A^T) B^T + bias`` (PEFT's
 semantics, METHOD.md §5)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..formats import NFTensor, QuantConfig, nf_code, packed_sizes
 from ..formats.functional import qmatmul
+from ..formats.nf import _CODE_DTYPES, _DTYPE_CODES
+from .packed import guarded_apply_fn, is_sharded, packed_parameter, plain_view, unwrap
 
 _PACKED = ("qcodes", "qscales", "scale2", "offset")
 
@@ -17,12 +19,25 @@ _PACKED = ("qcodes", "qscales", "scale2", "offset")
 class LQLinear(nn.Module):
     """Quantized linear layer with a LoRA adapter.
 
-    Buffers (frozen, move with ``.to()``, broadcast by DDP): the NFTensor's ``qcodes``,
-    ``qscales``, ``scale2``, ``offset`` (docs/format.md) and the non-persistent
-    ``levels``. Parameters: ``lora_A [r, in_features]``, ``lora_B [out_features, r]``
-    (trainable; both ``None`` after :meth:`pop_lowrank`), ``bias [out_features]`` (frozen,
-    optional). ``scaling`` = lora_alpha / r. ``qweight`` is an :class:`NFTensor` view of
-    the buffers. There is deliberately no dense ``weight`` attribute: frameworks that probe
+    Storage contract:
+
+    - ``qcodes``, ``qscales`` (int32), ``scale2`` (``quant_config.scale_dtype``), ``offset``
+      (fp32): the NFTensor's packed tensors (docs/format.md), registered as frozen
+      ``nn.Parameter`` s (``requires_grad=False``) whose storage is a
+      :class:`~lqlora_ext.nn.packed.PackedTensor`. As parameters they are sharded by FSDP2
+      (``fully_shard``), bit-exactly and never cast by its MixedPrecisionPolicy; DDP
+      broadcasts them like any parameter. State dicts hold them as plain tensors with
+      these names and dtypes.
+    - Module casts (``.half()``, ``.bfloat16()``, ``.double()``, ``.float()``,
+      ``.to(dtype)``) never change them, nor the fp32 non-persistent ``levels`` buffer (the
+      NormalFloat table): only ``lora_A``, ``lora_B`` and ``bias`` are cast; device moves
+      apply to everything.
+    - Parameters: ``lora_A [r, in_features]``, ``lora_B [out_features, r]`` (trainable;
+      both ``None`` after :meth:`pop_lowrank`), ``bias [out_features]`` (frozen, optional).
+      ``scaling`` = lora_alpha / r. ``qweight`` is an :class:`NFTensor` view of the packed
+      tensors.
+
+    There is deliberately no dense ``weight`` attribute: frameworks that probe
     ``module.weight`` would silently dequantize every layer; use :meth:`dense_weight`.
     """
 
@@ -34,7 +49,7 @@ class LQLinear(nn.Module):
         self.quant_config: QuantConfig = qweight.config
         self.scaling = float(scaling)
         for k in _PACKED:
-            self.register_buffer(k, getattr(qweight, k))
+            setattr(self, k, getattr(qweight, k))  # -> frozen PackedTensor parameters
         self.register_buffer("levels", qweight.levels, persistent=False)
         if (lora_A is None) != (lora_B is None):
             raise ValueError("LQLinear: lora_A and lora_B must be given together")
@@ -74,9 +89,98 @@ class LQLinear(nn.Module):
         bias_t = torch.empty(out_features, dtype=dtype, device=device) if bias else None
         return cls(q, a, b, scaling, bias_t)
 
+    # -- packed storage -----------------------------------------------------------------
+    def _packed_spec(self, name: str) -> Tuple[torch.dtype, int]:
+        nc, ns, ng = packed_sizes(self.out_features * self.in_features, self.quant_config)
+        return {"qcodes": (torch.int32, nc), "qscales": (torch.int32, ns),
+                "scale2": (self.quant_config.scale_dtype, ng), "offset": (torch.float32, 1)}[name]
+
+    def _packed_problem(self, name: str, t: Tensor) -> Optional[str]:
+        dtype, length = self._packed_spec(name)
+        if t.dtype != dtype or tuple(t.shape) != (length,):
+            return (f"{name}: expected {dtype} [{length}] for a "
+                    f"[{self.out_features}, {self.in_features}] {self.quant_config.name} "
+                    f"weight, got {t.dtype} {list(t.shape)} (mismatched or corrupt tensor)")
+        return None
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _PACKED and isinstance(value, Tensor):
+            problem = self._packed_problem(name, value)
+            if problem:
+                raise ValueError(f"LQLinear.{problem}")
+            hf_init = getattr(value, "_is_hf_initialized", None)
+            value = packed_parameter(value)
+            if hf_init is not None:
+                value._is_hf_initialized = hf_init  # transformers' loader bookkeeping
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        levels = self._buffers.get("levels")
+        frozen = {id(t) for t in [self._parameters.get(k) for k in _PACKED] + [levels]
+                  if t is not None}
+        bits = self.quant_config.bits
+        rebuild = {} if levels is None else {id(levels): lambda dev: nf_code(bits).to(dev)}
+        return super()._apply(guarded_apply_fn(fn, frozen, rebuild), recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k in _PACKED:  # plain tensors (or DTensors of plain shards), same storage
+            if destination.get(prefix + k) is not None:
+                destination[prefix + k] = plain_view(destination[prefix + k])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Refuse a dtype change before torch's default copy_ would convert numerically.
+        bad = [p for p in (self._packed_problem(k, state_dict[prefix + k]) for k in _PACKED
+                           if isinstance(state_dict.get(prefix + k), Tensor)) if p]
+        if bad:
+            error_msgs.extend(f"{prefix}{m}" for m in bad)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _check_layout_across_ranks(self, group) -> None:
+        """Once per layer, before FSDP2 first all-gathers its packed tensors: every rank
+        of ``group`` must hold the same layer layout (shape, rank, bias, quant config),
+        else the gathered codes would mix quantizations. Raises on every rank alike."""
+        if self.__dict__.get("_layout_checked"):
+            return
+        import torch.distributed as dist
+
+        mine = self.layout_fingerprint()
+        dev = self.qcodes.device
+        world = dist.get_world_size(group)
+        out = [torch.empty(len(mine), dtype=torch.int64, device=dev) for _ in range(world)]
+        dist.all_gather(out, torch.tensor(mine, dtype=torch.int64, device=dev), group=group)
+        rows = [t.tolist() for t in out]
+        if any(r != rows[0] for r in rows):
+            desc = "; ".join(f"rank {i}: {_describe_fingerprint(r)}" for i, r in enumerate(rows))
+            raise ValueError(f"LQLinear [{self.out_features}x{self.in_features}]: the ranks of "
+                             f"this FSDP group hold different quantizations of this layer "
+                             f"({desc}); every rank must hold the same quantized model "
+                             f"(quantize once and load the checkpoint on every rank)")
+        self.__dict__["_layout_checked"] = True
+
+    def layout_fingerprint(self) -> List[int]:
+        """Integers identifying the layer's layout: ``[out, in, rank, bias, bits,
+        block_size, scale_bits, scale_block_size, scale dtype code]``."""
+        c = self.quant_config
+        return [self.out_features, self.in_features, self.rank, int(self.bias is not None),
+                c.bits, c.block_size, c.scale_bits, c.scale_block_size,
+                _DTYPE_CODES[c.scale_dtype]]
+
+    def _plain_packed(self, name: str) -> Tensor:
+        t = getattr(self, name)
+        if is_sharded(t):
+            raise RuntimeError(
+                f"LQLinear [{self.out_features}x{self.in_features}]: its packed tensors are "
+                f"FSDP2 shards (DTensor) outside the sharded forward; gather them first "
+                f"(FSDPModule.unshard(), or lqlora_ext.distributed.fsdp.full_state_dict)")
+        return unwrap(t)
+
     @property
     def qweight(self) -> NFTensor:
-        return NFTensor(self.qcodes, self.qscales, self.scale2, self.offset,
+        return NFTensor(*(self._plain_packed(k) for k in _PACKED),
                         (self.out_features, self.in_features), self.quant_config, self.levels)
 
     def reset_levels(self) -> None:
@@ -140,6 +244,15 @@ class LQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, quant={self.quant_config.name}, scaling={self.scaling:g}")
+
+
+def _describe_fingerprint(f: List[int]) -> str:
+    out, inp, rank, bias, bits, bs, sb, sbs, dcode = f
+    try:
+        name = QuantConfig(bits, bs, sb, sbs, _CODE_DTYPES[dcode]).name
+    except (KeyError, ValueError):
+        name = f"invalid config {f[4:]}"
+    return f"{out}x{inp} rank {rank}{' +bias' if bias else ''} {name}"
 
 
 def freeze_base(model: nn.Module) -> None:

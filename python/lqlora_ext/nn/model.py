@@ -138,13 +138,30 @@ def _resolve_grid(grid) -> List[QuantConfig]:
     return grid
 
 
-def _decompose_task(w, cfg, rank, fisher, seed, max_iters, tol):
-    return decompose(w, cfg, rank, fisher=fisher, seed=seed, max_iters=max_iters, tol=tol)
+def _decompose_task(name, w, cfg, rank, fisher, seed, max_iters, tol):
+    try:
+        return decompose(w, cfg, rank, fisher=fisher, seed=seed, max_iters=max_iters, tol=tol)
+    except ValueError as e:  # name the module: "decompose: fisher is all zeros" alone is not
+        raise ValueError(f"quantize_model: {name} ({cfg.name}): {e}") from None
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _refuse_sharded(targets: Dict[str, nn.Linear]) -> None:
+    """FSDP2 cannot swap a module inside a unit it already manages; the order that works is
+    quantize first, then shard (LQLinear's packed tensors are FSDP2-shardable parameters)."""
+    from .packed import is_sharded
+
+    for name, lin in targets.items():
+        if is_sharded(lin.weight):
+            raise ValueError(f"quantize_model: the model is already sharded (fully_shard / "
+                             f"FSDP2: {name}.weight is a DTensor shard); quantize the "
+                             f"unsharded model first, then shard it (lqlora_ext.distributed."
+                             f"fsdp.shard_model): LQLinear's packed tensors shard like any "
+                             f"parameter")
 
 
 def quantize_model(model: nn.Module, config: LQLoRAConfig,
@@ -175,7 +192,13 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
                          f"{config.budget_bits!r}")
     grid = _resolve_grid(config.grid)
     targets = select_linear_modules(model, config.target_modules)
+    _refuse_sharded(targets)
+    from ..method.decomposition import first_non_finite
     for name, lin in targets.items():
+        bad = None if lin.weight.device.type == "meta" else first_non_finite(lin.weight.detach())
+        if bad is not None:  # before hours of Fisher and profiling, not a bare SVD error
+            raise ValueError(f"quantize_model: {name}.weight {tuple(lin.weight.shape)} has a "
+                             f"non-finite value ({bad[1]}) at {bad[0]}")
         if config.rank >= min(lin.weight.shape):
             raise ValueError(f"quantize_model: rank {config.rank} must be < min(out, in) = "
                              f"{min(lin.weight.shape)} for {name} {tuple(lin.weight.shape)}")
@@ -208,7 +231,7 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
 
     from ..method.profiling import map_matrices
 
-    tasks = [(targets[n].weight.detach(), grid[k], config.rank,
+    tasks = [(n, targets[n].weight.detach(), grid[k], config.rank,
               None if fishers is None else fishers[n].to(targets[n].weight.device),
               config.seed, config.max_iters, config.tol) for n, k in zip(names, choice)]
     results = [None] * len(names)
@@ -222,7 +245,7 @@ def quantize_model(model: nn.Module, config: LQLoRAConfig,
     dense_bytes = quant_bytes = 0
     s, root = config.scaling, math.sqrt(config.scaling)
     for name, k, d, task in zip(names, choice, results, tasks):
-        lin, W, F = targets[name], task[0], task[3]
+        lin, W, F = targets[name], task[1], task[4]
         ref = float((W.float().square() * F).sum() if F is not None else W.float().square().sum())
         entries.append(MatrixReport(name, tuple(W.shape), grid[k], d.error,
                                     d.error / ref if ref > 0 else 0.0))

@@ -1,0 +1,135 @@
+"""The repository speaks of the project only: no tracked text file (outside the raw results,
+bench/results/*.json) describes the environment the project was developed in (particular
+machines lent or borrowed, files carried to them, the tool and output folder of remote runs,
+per-run time budgets). A user reads instructions for what they do on their own machine.
+
+The vocabulary is a short list of patterns. Words that have an ordinary sense as well are
+matched only in that environment's sense (``carry`` next to wheels, files or a limit; a
+*time* budget), and ALLOWED masks ordinary prose first, so the method's own words ("memory
+budget", "bits/param budget") and plain English stay allowed."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SELF = os.path.relpath(os.path.abspath(__file__), ROOT)
+
+# (pattern, what it describes); matched case-insensitively, line by line.
+VOCABULARY = [
+    (r"\blent\b|\bborrow(?:ed|ing)?\b", "a lent or borrowed machine"),
+    (r"\bsessions?\b", "a development session"),
+    (r"\blease[sd]?\b", "a machine lease"),
+    (r"\bcarr(?:y|ied|ies|ying)\b(?=[^.\n]{0,40}(?:\bwheels?\b|\blimit\b|\bfolders?\b"
+     r"|\bfiles?\b|dist/|\.whl|\bto (?:a|the) (?:GPU|device|machine)))|\bcarry:\s*\[",
+     "files carried to a machine"),
+    (r"(?-i:\$OUT)\b|\bgpu-out\b", "the output folder of a remote run"),
+    (r"\b(?:run|device)`? tool\b", "the tool that runs commands on a machine"),
+    (r"\bgpu_session\b", "the old validation script"),
+    (r"\b(?:the|our|this|that) (?:(?:lent|borrowed|GPU-less|GPU|H100|H200|device|CI-like) )+"
+     r"(?:machine|box)\b", "one particular machine"),
+    (r"\b(?:time|run|call|device|GPU|session) budget\b|\bbudget(?:ed)? to (?:stay|fit)\b"
+     r"|\bbudget_(?:s|left)\b|_BUDGET_S\b|\b(?:minutes|seconds|hours) of device time\b",
+     "a per-run time budget"),
+    (r"(?:^|[\s(\"'`])(?:\.\./)*\.library/", "a folder outside the repository"),
+]
+# Ordinary prose that contains a word above, masked before matching.
+ALLOWED = [
+    r"\bmemory budget\b",
+    r"\bbits/param budget\b",
+    r"\bcarr(?:y|ies|ied) over\b",        # "the factors carry over unchanged"
+    r"\b\w+\.(?:Inference)?Session\b",   # library classes (requests.Session, ...)
+    r"\bper (?:test )?session\b|\bscope=[\"']session[\"']|\bsession[- ]scoped?\b",  # pytest's
+]
+_VOCAB = [(re.compile(p, re.IGNORECASE), what) for p, what in VOCABULARY]
+_ALLOWED = re.compile("|".join(ALLOWED), re.IGNORECASE)
+
+# Raw results, as written by the benchmarks (their Markdown twins are checked).
+EXEMPT = re.compile(r"^bench/results/[^/]+\.json$")
+
+
+def find_vocabulary(text: str):
+    """[(line number, matched text, what it describes)] for every hit in ``text``."""
+    hits = []
+    for n, line in enumerate(text.splitlines(), 1):
+        masked = _ALLOWED.sub(lambda m: " " * len(m.group()), line)
+        for rx, what in _VOCAB:
+            hits += [(n, m.group().strip(), what) for m in rx.finditer(masked)]
+    return hits
+
+
+@pytest.mark.parametrize("text", [
+    "A session with the lent GPU runs scripts/gpu_session.sh through the device `run` tool",
+    'carry `[".whl"]` holding the highspy and bitsandbytes wheels',
+    "13 MiB of the 64 MiB carry limit",
+    "Carried to a GPU machine, the wheel is smoke-tested there",
+    'carry: ["dist/lqlora_ext-0.1.0+cu130.torch2.11-cp312-cp312-manylinux_2_28_x86_64.whl"]',
+    "Logs, JSON and Markdown land in $OUT with a summary",
+    "GPU_SESSION_BUDGET_S (default 580)",
+    "about 5-6 minutes on an H100, budgeted to stay under 10",
+    "each stage fits the per-run time budget",
+    "The GPU machine has no network and lacks highspy",
+    "passes the smoke test on this GPU-less machine",
+    "Method (on a GPU; ../.library/device/METHOD.md)",
+    "a borrowed H100",
+    "before the machine's lease ends",
+    "each command may use 15 minutes of device time",
+])
+def test_matcher_flags_the_old_vocabulary(text):
+    assert find_vocabulary(text), text
+
+
+@pytest.mark.parametrize("text", [
+    "an ILP picks bit widths under a whole-model memory budget (e.g. 2.75 bits/param)",
+    "compressed to a 2.75 bits/param budget with rank-16 adapters",
+    "the smallest feasible budget is 2.625 bits/param; --budget 3.5; budget_bits=2.75",
+    "so the LQ-LoRA factors carry over unchanged",
+    "Frozen: it carries no state; the kernels carry target(\"avx2,fma\")",
+    "release wheels, an excellent fit, silently, outputs, ort.InferenceSession",
+    "scripts/gpu_check.sh --out DIR --wheels DIR runs on any machine with a CUDA GPU",
+    "Machines without network access often lack highspy and bitsandbytes",
+    "the selftest program, built once per session; @pytest.fixture(scope=\"session\")",
+    "One kernel launch through the model: the SASS analysis + the device time model",
+])
+def test_matcher_allows_ordinary_prose(text):
+    assert find_vocabulary(text) == []
+
+
+def test_matcher_reports_line_and_meaning():
+    text = "fine\nsee $OUT/summary.txt\n"
+    assert find_vocabulary(text) == [(2, "$OUT", "the output folder of a remote run")]
+
+
+def _tracked_files():
+    try:
+        r = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True,
+                           timeout=60)
+    except OSError:
+        pytest.skip("needs git")
+    if r.returncode != 0:
+        pytest.skip("not a git checkout (e.g. an unpacked sdist)")
+    return [p for p in r.stdout.decode().split("\0") if p]
+
+
+def test_tracked_text_files_speak_of_the_project_only():
+    bad, checked = [], 0
+    for rel in _tracked_files():
+        path = os.path.join(ROOT, rel)
+        if rel == SELF or EXEMPT.match(rel) or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        if b"\0" in data:
+            continue  # binary (plots)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        checked += 1
+        bad += [f"{rel}:{n}: {hit!r} ({what})" for n, hit, what in find_vocabulary(text)]
+    assert checked > 50, f"only {checked} text files found: is this the repository?"
+    assert not bad, ("tracked files describe the development environment, not the project:\n"
+                     + "\n".join(bad))
