@@ -52,8 +52,12 @@ LORA_ARGS = [("t", PTR, 8), ("b", PTR, 8), ("b_dtype", INT, 4), ("rank", INT, 4)
              ("scale", F32, 4)]
 LORA_FUSED = [("a", PTR, 8), ("a_dtype", INT, 4), ("b", PTR, 8), ("b_dtype", INT, 4),
               ("rank", INT, 4), ("scale", F32, 4), ("t", PTR, 8), ("ready", PTR, 8),
-              ("producers", INT, 4)]  # lora.cuh LoraFused
-K_LORA_J = 4  # lora.cuh kLoraJ: columns of t per producer block
+              ("tiles", INT, 4), ("kslices", INT, 4), ("producers", INT, 4)]  # lora.cuh LoraFused
+K_LORA_J = 4  # launch.h kLoraJ: columns of t per producer tile
+K_LORA_TILE_M = 16  # launch.h kLoraTileM: rows of x per tile
+K_LORA_K_CHUNK = 512  # launch.h kLoraKChunk: K per producer slice (before rounding)
+K_LORA_MAX_SLICES = 16  # launch.h kLoraMaxSlices
+K_LORA_UNROLL = 4  # lora.cuh lora_produce kU: loads in flight per lane and step
 DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}  # launch.h enum DType
 
 
@@ -288,9 +292,24 @@ def _ldg_ef(info: LoopInfo) -> bool:
 
 
 # ------------------------------------------------------------------ the fused LoRA term
-def lora_producers(rank: int, M: int) -> int:
-    """lora.cuh lora_producers: ceil(rank / kLoraJ) x ceil(M / 16) producer blocks."""
-    return math.ceil(rank / K_LORA_J) * math.ceil(M / 16) if rank else 0
+def lora_tiles(rank: int, M: int) -> int:
+    """launch.h lora_tiles: ceil(rank / kLoraJ) x ceil(M / 16) tiles of t."""
+    return math.ceil(rank / K_LORA_J) * math.ceil(M / K_LORA_TILE_M) if rank else 0
+
+
+def lora_k_slices(K: int) -> int:
+    """launch.h lora_k_slices: producer blocks per tile, each a K slice."""
+    return min(K_LORA_MAX_SLICES, max(1, math.ceil(K / K_LORA_K_CHUNK)))
+
+
+def lora_chunk(K: int) -> int:
+    """lora.cuh lora_produce: the K slice of one producer block (a multiple of 32)."""
+    return math.ceil(math.ceil(K / lora_k_slices(K)) / 32) * 32
+
+
+def lora_producers(rank: int, M: int, K: int) -> int:
+    """Producer blocks of a fused launch: tiles x K slices (0 without LoRA)."""
+    return lora_tiles(rank, M) * lora_k_slices(K)
 
 
 def lora_values(ctx: Ctx) -> Dict[str, object]:
@@ -299,14 +318,15 @@ def lora_values(ctx: Ctx) -> Dict[str, object]:
     return {"lora.a": DUMMY_PTR if on else 0, "lora.a_dtype": DTYPE_CODE[ctx.x_dtype],
             "lora.b": DUMMY_PTR if on else 0, "lora.b_dtype": DTYPE_CODE[ctx.x_dtype],
             "lora.rank": ctx.lora_rank, "lora.scale": 1.0, "lora.t": DUMMY_PTR if on else 0,
-            "lora.ready": DUMMY_PTR if on else 0,
-            "lora.producers": lora_producers(ctx.lora_rank, ctx.M)}
+            "lora.ready": DUMMY_PTR if on else 0, "lora.tiles": lora_tiles(ctx.lora_rank, ctx.M),
+            "lora.kslices": lora_k_slices(ctx.K),
+            "lora.producers": lora_producers(ctx.lora_rank, ctx.M, ctx.K)}
 
 
 def lora_roles(ctx: Ctx, base_blocks: int, warps_per_block: int) -> List[Role]:
     """Producer blocks [0, P) and the weight blocks after them. Without LoRA (P = 0) one
     role, so that ``blockIdx.x < producers`` is still decided (consumer: blockIdx.x = P)."""
-    P = lora_producers(ctx.lora_rank, ctx.M)
+    P = lora_producers(ctx.lora_rank, ctx.M, ctx.K)
     cons = Role("consumer", base_blocks, float(base_blocks * warps_per_block), P)
     return ([Role("producer", P, float(P * warps_per_block), 0)] if P else []) + [cons]
 
@@ -350,11 +370,14 @@ def lora_load_levels(instrs: Sequence[Instr]) -> Dict[int, str]:
 def lora_loop_trips(i: LoopInfo, infos: List[LoopInfo], blocks: List[Block],
                     instrs: Sequence[Instr], ctx: Ctx, warps: int) -> Optional[float]:
     """Trips of the fused LoRA's loops (lora.cuh), or None for another loop:
-    - lora_produce's k-loop ``for (k = lane; k < K; k += 32)`` (loads and FMAs, no shared
-      memory, no weight stream; one copy per a dtype): K/32 over its unroll factor (the
-      counter's step / 32);
+    - lora_produce's k-loop ``for (k = k_begin + lane; k < k_end; k += 4 * 32)`` over its
+      K slice (loads and FMAs, no shared memory, no weight stream; one copy per a dtype):
+      chunk / 128 over its unroll factor (the counter's step / 128);
     - its column loop ``for (jj = warp; jj < kLoraJ; jj += warps)`` (holds the k-loop):
       ceil(kLoraJ / warps);
+    - the last slice's sum ``for (s = 0; s < kslices; ++s)`` (L2 loads of the planes and
+      FADDs, no FMA): kslices, and its ``for (idx = tid; idx < Mt * kLoraJ; ...)``: 64 values
+      over the block's threads;
     - lora_wait's spin loop (NANOSLEEP): no extra round (the wait is the producer role's
       path, taken as the longest of the roles);
     - lora_dot's ``for (j = lane; j < rank; j += 32)`` (L2 loads of t, .STRONG.GPU)."""
@@ -362,12 +385,24 @@ def lora_loop_trips(i: LoopInfo, infos: List[LoopInfo], blocks: List[Block],
         return 0.0
     strong = sum(v for k, v in i.own_full.items() if k.startswith("LDG") and "STRONG" in k)
     if strong and not i.loop.children:
+        if _lora_slice_sum(i):
+            return _unrolled(lora_k_slices(ctx.K), i, blocks, instrs, 1)
         return _unrolled(math.ceil(ctx.lora_rank / 32), i, blocks, instrs, 32)
     if _producer_k_loop(i):
-        return _unrolled(math.ceil(ctx.K / 32), i, blocks, instrs, 32)
+        step = 32 * K_LORA_UNROLL
+        return _unrolled(math.ceil(lora_chunk(ctx.K) / step), i, blocks, instrs, step)
     if i.loop.children and any(_producer_k_loop(infos[c]) for c in i.loop.children):
         return float(math.ceil(K_LORA_J / warps))
+    if i.loop.children and any(_lora_slice_sum(infos[c]) for c in i.loop.children):
+        return float(math.ceil(K_LORA_TILE_M * K_LORA_J / (32 * warps)))
     return None
+
+
+def _lora_slice_sum(i: LoopInfo) -> bool:
+    """The last slice's ordered sum over the planes: L2 (.STRONG.GPU) loads and FADDs, no
+    FMA (lora_dot's loop, the other loop with such loads, multiplies by b)."""
+    strong = any(k.startswith("LDG") and "STRONG" in k for k in i.own_full)
+    return strong and not _has(i.own_ops, "FFMA") and not i.loop.children
 
 
 # ------------------------------------------------------------------ qmatmul_fast_kernel
@@ -400,7 +435,7 @@ def fast_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
     N, K, M = ctx.N, ctx.K, ctx.M
     WK, steps = fast_geometry(K)
     base = math.ceil(N / R)
-    P = lora_producers(ctx.lora_rank, M)
+    P = lora_producers(ctx.lora_rank, M, K)
     grid = P + base
     vals = {"x": DUMMY_PTR, "M": M, "K": K, "N": N, "qcodes": DUMMY_PTR, "offset": DUMMY_PTR,
             "levels": DUMMY_PTR, "log2_b0": int(math.log2(ctx.block_size)),
@@ -496,7 +531,7 @@ def mma_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
     N, K, M = ctx.N, ctx.K, ctx.M
     WK, chunks = mma_geometry(K)
     base = math.ceil(N / (8 * NT))
-    P = lora_producers(ctx.lora_rank, M)
+    P = lora_producers(ctx.lora_rank, M, K)
     grid = P + base
     vals = {"x": DUMMY_PTR, "M": M, "K": K, "N": N, "qcodes": DUMMY_PTR, "offset": DUMMY_PTR,
             "levels": DUMMY_PTR, "log2_b0": int(math.log2(ctx.block_size)), "out": DUMMY_PTR,
