@@ -359,9 +359,10 @@ def test_qmatmul_fused_lora_ranks(xdt, m, rank, be):
            what=f"qmatmul+lora r={rank} M={m} {xdt}")
 
 
+@pytest.mark.parametrize("adt", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("m", [1, 40])
 @pytest.mark.parametrize("cols", [544, 4128, 8224])
-def test_qmatmul_fused_lora_k_slices_same_bits_in_any_block_order(cols, m, be):
+def test_qmatmul_fused_lora_k_slices_same_bits_in_any_block_order(cols, m, adt, be):
     # Each tile of t = x @ a^T is split over K into producer blocks (2, 9 and the cap of 16
     # slices here, the last one partial); the slice that finishes last adds the planes in
     # slice order. Whichever block that is (block order varies with the emulator's workers
@@ -369,14 +370,15 @@ def test_qmatmul_fused_lora_k_slices_same_bits_in_any_block_order(cols, m, be):
     c = QuantConfig(4, 64, 8, 64, torch.bfloat16)
     packed, w = _packed(be, 72, cols, c, seed=cols)
     x = torch.randn(m, cols, device=be.dev).to(torch.bfloat16)
-    a = (torch.randn(64, cols, device=be.dev) / cols ** 0.5).to(torch.bfloat16)
+    # fp32 a: trainable adapters beside bf16 activations
+    a = (torch.randn(64, cols, device=be.dev) / cols ** 0.5).to(FP[adt])
     b = torch.randn(72, 64, device=be.dev).to(torch.bfloat16)
 
     def run():
         return be.ops.qmatmul(x, *packed, 72, *_args(c), a, b, 0.5)
 
     ref = run()
-    _check(ref, x, w, a, b, 0.5, what=f"qmatmul+lora K={cols} M={m}")
+    _check(ref, x, w, a, b, 0.5, what=f"qmatmul+lora K={cols} M={m} a {adt}")
     if be.name == "emu":
         outs, prev = [], emu.get_workers()
         for workers, order in ((3, "forward"), (2, "random"), (1, "reverse")):
@@ -390,6 +392,23 @@ def test_qmatmul_fused_lora_k_slices_same_bits_in_any_block_order(cols, m, be):
         outs = [run() for _ in range(5)]
     for o in outs:
         assert torch.equal(o.view(torch.int16), ref.view(torch.int16))
+
+
+def test_large_m_paths_in_row_chunks(be):
+    # Beyond the fused kernels, both ops dequantize 2^26 weights at a time: here 2048 of the
+    # 2100 rows, then the 52 left. qmatmul writes each chunk's product straight into its
+    # columns of out (a strided view), qmatmul_t sums the chunks' products in fp32.
+    c = QuantConfig(4, 64, 8, 64, torch.float32)
+    rows, cols, m = 2100, 1 << 15, 17  # fp32 x: the fused kernels stop at M = 16
+    packed, w = _packed(be, rows, cols, c, seed=3)
+    x = torch.randn(m, cols, device=be.dev)
+    a = torch.randn(8, cols, device=be.dev) / cols ** 0.5
+    b = torch.randn(rows, 8, device=be.dev)
+    _check(be.ops.qmatmul(x, *packed, rows, *_args(c), a, b, 0.5), x, w, a, b, 0.5,
+           what="qmatmul in row chunks")
+    g = torch.randn(m, rows, device=be.dev)
+    _check(be.ops.qmatmul_t(g, *packed, cols, *_args(c)), g, w, what="qmatmul_t in row chunks",
+           transpose=True)
 
 
 def test_qmatmul_noncontiguous_and_misaligned_inputs(be):

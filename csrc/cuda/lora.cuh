@@ -43,18 +43,55 @@ inline LoraFused lora_fused(const LoraView& v, int M, int K) {
                    tiles, slices, tiles * slices};
 }
 
-// Producer block `pb`: the partial t[m, j] over its K slice for the 16 rows of x and kLoraJ
-// columns of its tile, one warp per column (lanes over k, 4 independent loads in flight per
-// lane and step, fp32); then the tile's ticket, and the last slice's ordered sum and release.
-// Every thread of the block calls it.
-template <typename XT>
+// One column j of a tile over one K slice: part[m, j] for rows [m0, m0 + Mt) of x, in
+// groups of RG rows (a runtime loop over groups, so the registers the producer path needs
+// - RG accumulators, kU a values, RG * kU x values - stay below the weight path's and the
+// kernel keeps its occupancy); lanes over k with kU independent loads in flight per lane.
+// All lanes of the warp call it.
+template <typename XT, typename AT, int RG>
+__device__ __forceinline__ void lora_column(const AT* __restrict__ arow, const XT* __restrict__ x,
+                                            int K, int m0, int Mt, int k_begin, int k_end,
+                                            float* part, int rank, int j, int lane) {
+  constexpr int kU = 4;
+  for (int mg = 0; mg < Mt; mg += RG) {
+    float acc[RG];
+#pragma unroll
+    for (int r = 0; r < RG; ++r) acc[r] = 0.f;
+    for (int k = k_begin + lane; k < k_end; k += kU * 32) {
+      float av[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) av[u] = k + 32 * u < k_end ? to_float(arow[k + 32 * u]) : 0.f;
+#pragma unroll
+      for (int r = 0; r < RG; ++r) {
+        if (mg + r >= Mt) break;  // warp-uniform
+        const XT* xr = x + static_cast<int64_t>(m0 + mg + r) * K + k;
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+          if (k + 32 * u < k_end) acc[r] = fmaf(av[u], to_float(xr[32 * u]), acc[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RG; ++r) {
+      const float v = warp_sum(acc[r]);
+      if (lane == 0 && mg + r < Mt) part[(m0 + mg + r) * rank + j] = v;
+    }
+  }
+}
+
+// Producer block `pb`: the partial t[m, j] over its K slice for the (at most MR <= 16) rows
+// of x of its tile and its kLoraJ columns, one warp per column (lora_column, fp32); then the
+// tile's ticket, and the last slice's ordered sum and release. MR is the kernel's bound on
+// M (1 for the M = 1 decode kernel): fewer registers for the path it never takes. Every
+// thread of the block calls it.
+template <int MR, typename XT>
 __device__ __forceinline__ void lora_produce(const LoraFused& l, const XT* __restrict__ x, int M,
                                              int K, int pb) {
-  constexpr int kU = 4;
+  static_assert(MR >= 1 && MR <= kSmallM, "rows per LoRA tile");
+  constexpr int RG = MR < 4 ? MR : 4;
   const int tile = pb % l.tiles, slice = pb / l.tiles;
   const int jt = ceil_div(l.rank, kLoraJ);
   const int j0 = (tile % jt) * kLoraJ, m0 = (tile / jt) * kSmallM;
-  const int Mt = min(kSmallM, M - m0);
+  const int Mt = min(MR, M - m0);
   const int chunk = ceil_div(ceil_div(K, l.kslices), 32) * 32;
   const int k_begin = min(K, slice * chunk), k_end = min(K, k_begin + chunk);
   const int64_t plane = static_cast<int64_t>(M) * l.rank;
@@ -66,27 +103,18 @@ __device__ __forceinline__ void lora_produce(const LoraFused& l, const XT* __res
     const int j = j0 + jj;
     if (j >= l.rank) break;  // warp-uniform
     const int64_t arow = static_cast<int64_t>(j) * K;
-    float acc[kSmallM];
-#pragma unroll
-    for (int m = 0; m < kSmallM; ++m) acc[m] = 0.f;
-    for (int k = k_begin + lane; k < k_end; k += kU * 32) {
-      float av[kU];
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-        av[u] = k + 32 * u < k_end ? load_as_float(l.a, l.a_dtype, arow + k + 32 * u) : 0.f;
-#pragma unroll
-      for (int m = 0; m < kSmallM; ++m) {
-        if (m >= Mt) break;
-        const XT* xr = x + static_cast<int64_t>(m0 + m) * K + k;
-#pragma unroll
-        for (int u = 0; u < kU; ++u)
-          if (k + 32 * u < k_end) acc[m] = fmaf(av[u], to_float(xr[32 * u]), acc[m]);
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < kSmallM; ++m) {
-      const float v = warp_sum(acc[m]);
-      if (lane == 0 && m < Mt) part[(m0 + m) * l.rank + j] = v;
+    switch (l.a_dtype) {  // uniform: the loads typed once, outside the k-loop
+      case DType::kFloat16:
+        lora_column<XT, __half, RG>(static_cast<const __half*>(l.a) + arow, x, K, m0, Mt,
+                                    k_begin, k_end, part, l.rank, j, lane);
+        break;
+      case DType::kBFloat16:
+        lora_column<XT, __nv_bfloat16, RG>(static_cast<const __nv_bfloat16*>(l.a) + arow, x, K,
+                                           m0, Mt, k_begin, k_end, part, l.rank, j, lane);
+        break;
+      default:
+        lora_column<XT, float, RG>(static_cast<const float*>(l.a) + arow, x, K, m0, Mt,
+                                   k_begin, k_end, part, l.rank, j, lane);
     }
   }
   if (l.kslices > 1) {

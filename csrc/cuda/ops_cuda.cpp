@@ -243,8 +243,10 @@ at::Tensor qmatmul_cuda(const at::Tensor& x, const at::Tensor& qcodes, const at:
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t r1 = std::min(N, r0 + chunk);
     const at::Tensor w = dequant_rows(P, r0, r1, dt, stream, "qmatmul");
-    if (r1 - r0 == N) at::mm_out(out, x, w.t());
-    else out.narrow(1, r0, r1 - r0).copy_(at::mm(x, w.t()));
+    // Straight into out's columns: a [M, rows] view with row stride N is a matrix cuBLAS
+    // writes in place (ldc = N), so no temporary and no strided copy per chunk.
+    at::Tensor cols = out.narrow(1, r0, r1 - r0);
+    at::mm_out(cols, x, w.t());
   }
   if (a.defined() && a.size(0) > 0)
     out.addmm_(at::mm(x, a.to(dt).t()), b.to(dt).t(), 1.0, lora_scale);

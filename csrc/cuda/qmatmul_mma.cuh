@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
   __syncthreads();
   const int bid = static_cast<int>(blockIdx.x);
   if (bid < lora.producers) {  // the LoRA down-projection (lora.cuh)
-    lora_produce(lora, x, M, K, bid);
+    lora_produce<kSmallM>(lora, x, M, K, bid);
     return;
   }
 
