@@ -24,7 +24,7 @@ cudaError_t launch_qmatmul_small(const void* x, DType x_dtype, int M, const Pack
 namespace {
 
 constexpr int kTThreads = 128;  // threads per block; each owns 8 consecutive columns
-constexpr int kTUnroll = 4;     // rows whose loads are in flight together
+constexpr int kTUnroll = 4;     // rows whose loads are in flight together (MT <= 4)
 
 // Codes of flat elements [idx0, idx0 + 8), idx0 % 8 == 0: they lie in one 32-code group at
 // positions p..p+7 (p % 8 == 0), i.e. bits [p*bits, p*bits + 8*bits) of the group's
@@ -67,7 +67,7 @@ __device__ __forceinline__ void codes8(const uint32_t* __restrict__ qcodes, int6
 //   scales : fp32 [nblocks] decoded first-level scales (launch_unpack_scales)
 //   partial: fp32 [splits, M, K]; every element is written (0 for an empty split)
 // Grid (ceil(K / (8 * kTThreads)), splits). A thread owns columns [k0, k0 + 8) and walks its
-// split's rows kTUnroll at a time, issuing every load of those rows (codes, scale, g) before
+// split's rows U at a time, issuing every load of those rows (codes, scale, g) before
 // the arithmetic, so the loads overlap instead of forming one dependent chain per row. Each
 // weight costs one LUT load and one FMA per row of g: the scale multiplies g[m, n] once per
 // row (level * (g * ŝ)). Deterministic (no atomics): qmatmul_t_reduce sums the splits.
@@ -87,17 +87,20 @@ __global__ void __launch_bounds__(kTThreads)
   const int n_begin = split * rows_per_split;
   const int n_end = min(N, n_begin + rows_per_split);
   const bool aligned8 = (K % 8) == 0;  // then the 8 columns sit in one group and one block
+  // Rows in flight: MT = 16 holds 128 accumulators, so 4 rows of codes and g values would
+  // not fit in 255 registers (local-memory spills in the hot loop); 2 rows do.
+  constexpr int U = MT > 4 ? 2 : kTUnroll;
   float acc[MT][8];
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[m][i] = 0.f;
-  for (int nb = n_begin; nb < n_end; nb += kTUnroll) {
-    uint32_t code[kTUnroll][8];
-    float sc[kTUnroll];
-    float gv[kTUnroll][MT];
+  for (int nb = n_begin; nb < n_end; nb += U) {
+    uint32_t code[U][8];
+    float sc[U];
+    float gv[U][MT];
 #pragma unroll
-    for (int u = 0; u < kTUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int n = min(nb + u, n_end - 1);  // past the split: a valid row, weight 0 below
       const int64_t idx0 = static_cast<int64_t>(n) * K + k0;
       if (aligned8) {
@@ -114,7 +117,7 @@ __global__ void __launch_bounds__(kTThreads)
         gv[u][m] = m < M ? to_float(g[static_cast<int64_t>(m) * N + n]) : 0.f;
     }
 #pragma unroll
-    for (int u = 0; u < kTUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t idx0 = static_cast<int64_t>(min(nb + u, n_end - 1)) * K + k0;
       float w[8];
 #pragma unroll
