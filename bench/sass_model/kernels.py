@@ -660,6 +660,11 @@ T_PARAMS = (("g", PTR, 8), ("M", INT, 4), ("N", INT, 4), ("K", INT, 4), ("qcodes
 K_T_THREADS, K_T_UNROLL = 128, 4  # qmatmul_t.cu kTThreads, kTUnroll
 
 
+def t_unroll(MT: int) -> int:
+    """qmatmul_t_kernel's rows in flight U: kTUnroll, 2 for MT = 16 (registers)."""
+    return 2 if MT > 4 else K_T_UNROLL
+
+
 def t_column_blocks(K: int) -> int:
     return math.ceil(K / (8 * K_T_THREADS))
 
@@ -690,7 +695,7 @@ def t_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
                           "nctaid.y": splits, "nctaid.z": 1})
     # rows of each split: the last one may be short (or empty)
     split_rows = [max(0, min(N, (s + 1) * rps) - s * rps) for s in range(splits)]
-    iters = [math.ceil(r / K_T_UNROLL) for r in split_rows]
+    iters = [math.ceil(r / t_unroll(ctx.t[2])) for r in split_rows]
     xb = 2 if ctx.x_dtype != "float32" else 4
     det = {"codes": N * K * ctx.bits / 8, "scales fp32": ctx.nblocks * 4.0,
            "g": M * N * xb, "partial": splits * M * K * 4.0}
