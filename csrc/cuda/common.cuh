@@ -12,9 +12,14 @@
 // The launch seam: `LQ_LAUNCH(grid, block, smem, stream, kernel)(args...)` is
 // `kernel<<<grid, block, smem, stream>>>(args...)` under nvcc; under the SIMT emulator
 // (csrc/emu/cuda_emu.h, force-included, defines LQLORA_EMU) it runs the grid on fibers.
-// This is the only place kernel code tells the two builds apart.
+// `LQ_MAXNREG(n)`: a kernel's register budget (ptxas); nothing for the emulator, whose host
+// compiler cannot parse the attribute. This is the only place kernel code tells the two
+// builds apart.
 #if !defined(LQLORA_EMU)
 #define LQ_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define LQ_MAXNREG(n) __maxnreg__(n)
+#else
+#define LQ_MAXNREG(n)
 #endif
 
 namespace lqlora::cuda {

@@ -92,8 +92,15 @@ __device__ __forceinline__ void lookup8(const float* lut, const uint32_t (&w)[Bi
 // (~180 next to the 481 of the 4-row step's weights, in the sm_90a SASS); the window pays
 // ~15 per row per step plus the refill every B0/32 steps. B0 = 16 needs 64 scales per step,
 // two per lane: decoded per lane.
+// Registers per tile shape (blocks are at most 32 * kQmmMaxWarps = 128 threads). Left to its
+// occupancy heuristic, ptxas gives the M = 1 kernels 64-72 registers and reloads a spilled
+// scalar from local memory in the weight loop; a budget of 96 keeps them spill-free at 5-6
+// blocks per SM.
+template <int MT>
+inline constexpr int kFastMaxRegs = MT == 1 ? 96 : 168;
+
 template <int Bits, typename XT, int MT, int R>
-__global__ void __launch_bounds__(32 * kQmmMaxWarps)
+__global__ void LQ_MAXNREG(kFastMaxRegs<MT>)
     qmatmul_fast_kernel(const XT* __restrict__ x, int M, int K, int N,
                         const uint32_t* __restrict__ qcodes, ScaleArgs sa,
                         const float* __restrict__ offset, const float* __restrict__ levels,
