@@ -27,6 +27,13 @@ def test_cuda_kernel_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lqlora::{op}", "CUDA")
 
 
+@pytest.mark.skipif(os.environ.get("LQLORA_CUDA") != "ON",
+                    reason="only checked when the build was asked for CUDA (CI sets LQLORA_CUDA=ON)")
+def test_cuda_rsvd_registered():
+    # csrc/cuda/ops_rsvd.cpp: CUDA tensors take the batched Jacobi path, not the ATen chain.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("lqlora::rsvd", "CUDA")
+
+
 def test_import_has_no_side_effect_output(capfd):
     import importlib
 

@@ -62,14 +62,8 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 //   sa, offset, levels, log2_b0: as qmatmul_fast_kernel
 //   lora   : the fused LoRA term (lora.cuh); its up-projection is a second, small MMA
 // Grid: lora.producers + ceil(N / (8*NT)) blocks of (32, WK) threads.
-// Registers per tile (blocks of 32 * kMmaWarps = 128 threads): an explicit budget, since
-// ptxas's occupancy heuristic otherwise stops the 4-tile kernels at 128 registers with
-// local-memory spills.
-template <int MT16>
-inline constexpr int kMmaMaxRegs = MT16 >= 8 ? 255 : 168;
-
 template <int Bits, typename XT, int MT16>
-__global__ void LQ_MAXNREG(kMmaMaxRegs<MT16>)
+__global__ void __launch_bounds__(32 * kMmaWarps)
     qmatmul_mma_kernel(const XT* __restrict__ x, int M, int K, int N,
                        const uint32_t* __restrict__ qcodes, ScaleArgs sa,
                        const float* __restrict__ offset, const float* __restrict__ levels,

@@ -1,0 +1,172 @@
+// lqlora::rsvd on CUDA tensors (and lqlora_emu::rsvd on the SIMT emulator, backend.h): the
+// CPU op's algorithm (csrc/cpu/rsvd.cpp: same checks, the same CPU-drawn sketch from `seed`
+// or `init`, the same power iterations), with its two LAPACK-shaped steps replaced:
+//   - orthonormalization of the tall-skinny sketches by CholeskyQR2 (Gram and triangular
+//     solve through ATen, i.e. cuBLAS/cuSOLVER, in fp64), falling back per batch entry to
+//     Householder QR when a Gram matrix is not numerically positive definite (rank-deficient
+//     or zero input);
+//   - the SVD of the projected k x n matrix B = Q^T A through the eigenpairs of its fp64 Gram
+//     matrix B B^T, computed by the batched shared-memory Jacobi kernel of rsvd.cu; then
+//     U = Q W, V = orth(B^T W) (which is B^T W / S where S is well above rounding, and stays
+//     orthonormal where it is not).
+// Column signs are fixed: each column of U has its largest-magnitude entry (the first, on
+// ties) positive, and V's column follows.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "backend.h"
+#include "lqlora/guards.h"
+#include "rsvd.h"
+
+namespace lqlora::cuda {
+namespace {
+
+// Q of a Householder QR with R's diagonal made non-negative: the Q CholeskyQR produces,
+// so the two paths agree on column signs.
+at::Tensor householder_q(const at::Tensor& y) {
+  auto [q, r] = at::linalg_qr(y, "reduced");
+  const at::Tensor neg = r.diagonal(0, -2, -1).lt(0).to(q.scalar_type());
+  return q * (1 - 2 * neg).unsqueeze(-2);
+}
+
+// One CholeskyQR pass: y = Q L^T with L L^T = y^T y. `l` gets L, `info` cholesky's status.
+at::Tensor cholqr_pass(const at::Tensor& y, at::Tensor& l, at::Tensor& info) {
+  std::tie(l, info) = at::linalg_cholesky_ex(at::matmul(y.mT(), y), /*upper=*/false,
+                                             /*check_errors=*/false);
+  return at::linalg_solve_triangular(l.mT(), y, /*upper=*/true, /*left=*/false);
+}
+
+// Orthonormal basis of the columns of y [B, m, k], k <= m, fp64 in and out. CholeskyQR2:
+// the second pass restores the orthogonality the first loses (error ~ eps cond(y)^2). An
+// entry is redone by Householder QR when either Cholesky fails or the second factor is far
+// from the identity (the first pass was too ill-conditioned to trust); one host sync.
+at::Tensor orthonormal(const at::Tensor& y) {
+  at::Tensor l1, info1, l2, info2;
+  at::Tensor q = cholqr_pass(cholqr_pass(y, l1, info1), l2, info2);
+  const int64_t k = y.size(-1);
+  const at::Tensor dev = (l2 - at::eye(k, l2.options())).abs().amax({-2, -1});
+  const at::Tensor bad = info1.ne(0).logical_or(info2.ne(0)).logical_or(dev.le(0.5).logical_not());
+  if (bad.any().item<bool>()) {
+    const at::Tensor idx = bad.nonzero().squeeze(-1);
+    q.index_put_({idx}, householder_q(y.index({idx})));
+  }
+  return q;
+}
+
+// Eigenpairs of the symmetric g [B, k, k] (fp64): evals [B, k] descending, evecs [B, k, k]
+// with row j the eigenvector of evals[j].
+std::tuple<at::Tensor, at::Tensor> eigh_desc(const at::Tensor& g, const at::Device& device) {
+  const int64_t B = g.size(0), k = g.size(1);
+  if (jacobi_padded_order(static_cast<int>(k)) > kJacobiMaxOrder) {
+    // Beyond the kernel's order limit (rank + oversample > 1023): ATen's eigh, ascending.
+    auto [w, v] = at::linalg_eigh(g);
+    return {w.flip(-1).contiguous(), v.flip(-1).mT().contiguous()};
+  }
+  const at::Tensor gc = g.contiguous();
+  at::Tensor evals = at::empty({B, k}, gc.options());
+  at::Tensor evecs = at::empty({B, k, k}, gc.options());
+  at::Tensor work = at::empty({B * jacobi_workspace_doubles(static_cast<int>(k))}, gc.options());
+  const cudaError_t err =
+      launch_jacobi_eigh(gc.data_ptr<double>(), B, static_cast<int>(k), evals.data_ptr<double>(),
+                         evecs.data_ptr<double>(), work.data_ptr<double>(), current_stream(device));
+  TORCH_CHECK(err == cudaSuccess, "lqlora.rsvd: CUDA kernel launch failed: ",
+              cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
+  return {evals, evecs};
+}
+
+// NaN/Inf in `t` is refused naming the first bad element (one reduction and a sync).
+void check_finite(const at::Tensor& t, const char* what) {
+  const at::Tensor bad = at::logical_not(at::isfinite(t)).reshape(-1);
+  if (!bad.any().item<bool>()) return;
+  int64_t i = at::argmax(bad.to(at::kByte)).item<int64_t>();
+  std::vector<int64_t> pos(t.dim());
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    pos[d] = i % t.size(d);
+    i /= t.size(d);
+  }
+  TORCH_CHECK_VALUE(false, "lqlora.rsvd: ", what, " contains NaN/Inf; first at ",
+                    at::IntArrayRef(pos));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, int64_t rank,
+                                                         int64_t oversample, int64_t niter,
+                                                         int64_t seed,
+                                                         const std::optional<at::Tensor>& init) {
+  const NoAutocast no_autocast;
+  // The CPU op's checks and messages (csrc/cpu/rsvd.cpp).
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+                   "lqlora.rsvd: input must be float32 or float64, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.dim() >= 2, "lqlora.rsvd: input must be [..., m, n], got ", a.dim(), "-D");
+  TORCH_CHECK_VALUE(on_backend(a), "lqlora.rsvd: expected ", kBackendDevice,
+                    " tensors, got the input on ", a.device());
+  const int64_t m = a.size(-2), n = a.size(-1);
+  TORCH_CHECK_VALUE(rank >= 1 && rank <= std::min(m, n), "lqlora.rsvd: rank must be in 1..",
+                    std::min(m, n), " for a [", m, ", ", n, "] input, got ", rank);
+  TORCH_CHECK_VALUE(oversample >= 0 && niter >= 0,
+                    "lqlora.rsvd: oversample and niter must be non-negative");
+  c10::DeviceGuard guard(a.device());
+  const at::ScalarType dt = a.scalar_type();
+  const int64_t k = std::min(rank + oversample, std::min(m, n));
+  std::vector<int64_t> batch(a.sizes().begin(), a.sizes().end() - 2);
+  std::vector<int64_t> sk = batch;
+  sk.push_back(n);
+  sk.push_back(k);
+  at::Tensor omega;
+  if (init.has_value()) {
+    omega = init->to(a.device(), dt);
+    TORCH_CHECK_VALUE(omega.sizes() == at::IntArrayRef(sk), "lqlora.rsvd: init must have shape ",
+                      at::IntArrayRef(sk), ", got ", init->sizes());
+    check_finite(omega, "init");
+  } else {
+    // Drawn on the CPU exactly as the CPU op draws it: same seed, same sketch, any device.
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
+    omega = at::randn(sk, gen, at::TensorOptions().dtype(dt)).to(a.device());
+  }
+  check_finite(a, "input");
+
+  auto shaped = [&](std::vector<int64_t> tail) {
+    std::vector<int64_t> s = batch;
+    s.insert(s.end(), tail.begin(), tail.end());
+    return s;
+  };
+  int64_t B = 1;
+  for (int64_t d : batch) B *= d;
+  if (B == 0) {
+    return {at::empty(shaped({m, rank}), a.options()), at::empty(shaped({rank}), a.options()),
+            at::empty(shaped({n, rank}), a.options())};
+  }
+  const at::Tensor a3 = a.reshape({B, m, n});
+  const at::Tensor at3 = a3.mT();
+  // The sketches are multiplied in a's dtype (cuBLAS) and orthonormalized in fp64.
+  auto orth = [&](const at::Tensor& y) { return orthonormal(y.to(at::kDouble)).to(dt); };
+  at::Tensor q = orth(at::matmul(a3, omega.reshape({B, n, k})));
+  for (int64_t i = 0; i < niter; ++i) q = orth(at::matmul(a3, orth(at::matmul(at3, q))));
+
+  const at::Tensor bd = at::matmul(q.mT(), a3).to(at::kDouble);  // B = Q^T A [B, k, n]
+  auto [evals, evecs] = eigh_desc(at::matmul(bd, bd.mT()), a.device());
+  const at::Tensor w = evecs.narrow(-2, 0, rank).mT();            // [B, k, rank] fp64
+  const at::Tensor s = evals.narrow(-1, 0, rank).clamp_min(0).sqrt();
+  at::Tensor u = at::matmul(q, w.to(dt));                         // [B, m, rank]
+  at::Tensor v = orthonormal(at::matmul(bd.mT(), w)).to(dt);      // [B, n, rank]
+
+  const at::Tensor top = u.gather(-2, u.abs().argmax(-2, /*keepdim=*/true));  // [B, 1, rank]
+  const at::Tensor sign = 1 - 2 * top.lt(0).to(dt);
+  u = u * sign;
+  v = v * sign;
+  return {u.reshape(shaped({m, rank})).contiguous(), s.to(dt).reshape(shaped({rank})).contiguous(),
+          v.reshape(shaped({n, rank})).contiguous()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(LQ_OPS_NAMESPACE, LQ_OPS_DISPATCH, m) { m.impl("rsvd", &rsvd_cuda); }
+
+}  // namespace lqlora::cuda

@@ -1,0 +1,170 @@
+// The small dense step of lqlora::rsvd on CUDA: a batched symmetric eigensolver for the
+// (r + p) x (r + p) Gram matrices G = B B^T of the projected matrices B = Q^T A
+// (ops_rsvd.cpp builds G in fp64 and turns the eigenpairs into the SVD of B).
+//
+// Why Jacobi on the Gram matrix: B is (r + p) x n with n up to the model width, too large
+// for shared memory, while G fits there (fp64, k <= 76) for the ranks LQ-LoRA uses
+// (64 + 10 = 74), so the whole iteration runs in shared memory, one block per batch entry, no
+// global traffic but the eigenvector rows. fp64 keeps the squared spectrum accurate: from an
+// fp32 B, G's eigenvalues carry an absolute error ~1e-16 * s_max^2, i.e. singular values
+// accurate to ~1e-8 * s_max, as good as an fp32 SVD of B.
+//
+// Order of work (fixed, so results are deterministic): cyclic parallel Jacobi with the
+// Brent-Luk round-robin pairing. A sweep is kp - 1 rounds; in a round the kp / 2 pairs
+// (p, q) are disjoint, so their rotations commute and are applied together: thread i of
+// the first kp / 2 computes pair i's (c, s) from the round's G, then all threads rotate
+// rows (G <- J^T G, and the eigenvector rows), then columns (G <- G J), each element written
+// by exactly one thread. A pair is skipped when |g_pq| <= eps * sqrt(g_pp g_qq) (the
+// relative rule that keeps small eigenvalues of a PSD matrix accurate) or below
+// eps^2 * max_i g_ii; the first sweep that rotates nothing ends the iteration. The final
+// sort is by counting (rank of each eigenvalue, ties broken by index), again one writer per
+// element.
+#include "common.cuh"
+#include "rsvd.h"
+
+namespace lqlora::cuda {
+namespace {
+
+constexpr double kEps = 2.220446049250313e-16;  // DBL_EPSILON
+
+// Round `round` of the round-robin tournament on kp players: pair i is (p, q), p < q.
+// Player kp - 1 stays put, the others rotate; every pair meets once in kp - 1 rounds.
+__device__ __forceinline__ void round_pair(int round, int i, int kp, int& p, int& q) {
+  const int n1 = kp - 1;
+  const int a = i == 0 ? round : (round + i) % n1;
+  const int b = i == 0 ? n1 : (round - i + n1) % n1;
+  p = a < b ? a : b;
+  q = a < b ? b : a;
+}
+
+// One block per matrix. kShared: the working copy of G in shared memory (kp <=
+// kJacobiMaxSharedOrder), else in `work` after the eigenvector rows.
+template <bool kShared>
+__global__ void __launch_bounds__(kJacobiThreads)
+    jacobi_eigh_kernel(const double* __restrict__ g, int k, double* __restrict__ evals,
+                       double* __restrict__ evecs, double* __restrict__ work) {
+  constexpr int kMaxPairs = (kShared ? kJacobiMaxSharedOrder : kJacobiMaxOrder) / 2;
+  __shared__ double g_shared[kShared ? kJacobiMaxSharedOrder * kJacobiMaxSharedOrder : 1];
+  __shared__ double cs[kMaxPairs];
+  __shared__ double sn[kMaxPairs];
+
+  const int kp = jacobi_padded_order(k);
+  const int half = kp / 2;
+  const int tid = threadIdx.x;
+  const int nt = blockDim.x;
+  const int64_t b = blockIdx.x;
+  double* vt = work + b * jacobi_workspace_doubles(k);  // [kp, kp]: row j = eigenvector j
+  double* a = kShared ? g_shared : vt + static_cast<int64_t>(kp) * kp;
+  const double* gb = g + b * k * k;
+
+  // The padding row/column (odd k) is zero: it never pairs with a nonzero entry, so it
+  // stays e_k with eigenvalue 0 and is dropped at the end.
+  for (int idx = tid; idx < kp * kp; idx += nt) {
+    const int i = idx / kp, j = idx % kp;
+    a[idx] = (i < k && j < k) ? gb[i * k + j] : 0.0;
+    vt[idx] = i == j ? 1.0 : 0.0;
+  }
+  __syncthreads();
+  double dmax = 0.0;  // every thread the same value: same reads, same order
+  for (int i = 0; i < k; ++i) dmax = fmax(dmax, fabs(a[i * kp + i]));
+  const double floor_abs = kEps * kEps * dmax;
+
+  for (int sweep = 0; sweep < kJacobiMaxSweeps; ++sweep) {
+    int rotated = 0;
+    for (int round = 0; round < kp - 1; ++round) {
+      int any = 0;
+      for (int i = tid; i < half; i += nt) {
+        int p, q;
+        round_pair(round, i, kp, p, q);
+        const double apq = a[p * kp + q], app = a[p * kp + p], aqq = a[q * kp + q];
+        double c = 1.0, s = 0.0;
+        const bool skip =
+            fabs(apq) <= floor_abs || fabs(apq) <= kEps * sqrt(fabs(app)) * sqrt(fabs(aqq));
+        if (!skip) {
+          // Symmetric Schur 2x2 (Golub & Van Loan, Alg. 8.5.1): the smaller root t.
+          const double tau = (aqq - app) / (2.0 * apq);
+          const double t = fabs(tau) > 1e150
+                               ? 0.5 / tau
+                               : (tau >= 0.0 ? 1.0 : -1.0) / (fabs(tau) + sqrt(1.0 + tau * tau));
+          c = 1.0 / sqrt(1.0 + t * t);
+          s = t * c;
+          any |= s != 0.0;
+        }
+        cs[i] = c;
+        sn[i] = s;
+      }
+      if (!__syncthreads_or(any)) continue;  // uniform: every thread sees the same result
+      rotated = 1;
+      // Rows p, q of G and of the eigenvector rows: x' = c x - s y, y' = s x + c y.
+      for (int idx = tid; idx < half * kp; idx += nt) {
+        const int i = idx / kp, j = idx % kp;
+        const double s = sn[i];
+        if (s == 0.0) continue;
+        const double c = cs[i];
+        int p, q;
+        round_pair(round, i, kp, p, q);
+        const double x = a[p * kp + j], y = a[q * kp + j];
+        a[p * kp + j] = c * x - s * y;
+        a[q * kp + j] = s * x + c * y;
+        const double vx = vt[p * kp + j], vy = vt[q * kp + j];
+        vt[p * kp + j] = c * vx - s * vy;
+        vt[q * kp + j] = s * vx + c * vy;
+      }
+      __syncthreads();
+      // Columns p, q of J^T G.
+      for (int idx = tid; idx < half * kp; idx += nt) {
+        const int i = idx / kp, j = idx % kp;
+        const double s = sn[i];
+        if (s == 0.0) continue;
+        const double c = cs[i];
+        int p, q;
+        round_pair(round, i, kp, p, q);
+        const double x = a[j * kp + p], y = a[j * kp + q];
+        a[j * kp + p] = c * x - s * y;
+        a[j * kp + q] = s * x + c * y;
+      }
+      __syncthreads();
+      // The rotation annihilates g_pq; what is left there is rounding (Rutishauser).
+      for (int i = tid; i < half; i += nt) {
+        if (sn[i] == 0.0) continue;
+        int p, q;
+        round_pair(round, i, kp, p, q);
+        a[p * kp + q] = 0.0;
+        a[q * kp + p] = 0.0;
+      }
+      __syncthreads();
+    }
+    if (!rotated) break;
+  }
+
+  // Descending order by counting: eigenvalue i goes to slot #{j : d_j > d_i, or d_j == d_i
+  // and j < i}, a permutation, so every output element has one writer.
+  for (int i = tid; i < k; i += nt) {
+    const double di = a[i * kp + i];
+    int r = 0;
+    for (int j = 0; j < k; ++j) {
+      const double dj = a[j * kp + j];
+      r += (dj > di || (dj == di && j < i)) ? 1 : 0;
+    }
+    evals[b * k + r] = di;
+    for (int j = 0; j < k; ++j) evecs[(b * k + r) * k + j] = vt[i * kp + j];
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_jacobi_eigh(const double* g, int64_t batch, int k, double* evals,
+                               double* evecs, double* work, cudaStream_t stream) {
+  if (batch <= 0) return cudaSuccess;
+  const int kp = jacobi_padded_order(k);
+  if (k < 1 || kp > kJacobiMaxOrder || batch > 0x7fffffff) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(batch)), block(kJacobiThreads);
+  if (kp <= kJacobiMaxSharedOrder) {
+    LQ_LAUNCH(grid, block, 0, stream, jacobi_eigh_kernel<true>)(g, k, evals, evecs, work);
+  } else {
+    LQ_LAUNCH(grid, block, 0, stream, jacobi_eigh_kernel<false>)(g, k, evals, evecs, work);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace lqlora::cuda
