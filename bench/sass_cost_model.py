@@ -540,8 +540,8 @@ def findings(doc: dict, before: Optional[dict]) -> List[str]:
             continue
         out.append(
             f"Fused LoRA, M = {r['M']}: the {r['producers']} producer blocks' path is "
-            f"{r['producer_us']} us (lora_produce: one warp per column of t walks K in steps of 32, "
-            f"each step waiting for its loads) against {r['consumer_us']} us for a weight block; "
+            f"{r['producer_us']} us (lora_produce: K split into slices, one warp per column of t "
+            f"with 4 loads in flight per lane) against {r['consumer_us']} us for a weight block; "
             f"every consumer waits for it before its epilogue: {r['base_us']:.1f} -> "
             f"{r['us']:.1f} us (+{100 * r['overhead']:.0f}%).")
     m16 = _row(doc, "tensor_core", "llama2-70b-attn", 16, 4, h)

@@ -1,11 +1,11 @@
 """What one call of the op launches, per M (csrc/cuda/ops_cuda.cpp, qmatmul_dispatch.cuh,
 qmatmul_t.cu), and its predicted time against bf16 cuBLAS.
 
-qmatmul (qmatmul_cuda), M <= qmatmul_fused_max_m (128 for 16-bit x with K % 32 == 0, else
+qmatmul (qmatmul_cuda), M <= qmatmul_fused_max_m (64 for 16-bit x with K % 32 == 0, else
 16): with LoRA, a memset of the producer counter, then one launch whose first
 ceil(rank/4) x ceil(M/16) blocks compute x @ a^T (lora.cuh) and whose other blocks run
-- 16-bit x, K % 32 == 0, 4 < M <= 128: qmatmul_mma_kernel<Bits, XT, MT16>, MT16 = 1, 2, 4,
-  8 for M <= 16, 32, 64, 128 (tensor cores);
+- 16-bit x, K % 32 == 0, 4 < M <= 64: qmatmul_mma_kernel<Bits, XT, MT16>, MT16 = 1, 2, 4
+  for M <= 16, 32, 64 (tensor cores);
 - otherwise (M <= 4, or fp32 x up to 16): qmatmul_fast_kernel with (MT, R) = (1, 4) for
   M = 1, (4, 4) for M <= 4, (16, 2) otherwise;
 beyond: per chunk of max(1, 2^26 / K) rows, dequantize_kernel to x's dtype, then at::mm
@@ -31,7 +31,7 @@ from .module import Kernel
 
 K_SMALL_M = 16          # launch.h kSmallM
 K_MMA_MIN_M = 4         # launch.h kMmaMinM: the tensor-core kernel takes M > 4
-K_MMA_MAX_M = 128       # launch.h kMmaMaxM
+K_MMA_MAX_M = 64        # launch.h kMmaMaxM
 K_CHUNK_ELEMS = 1 << 26  # ops_cuda.cpp kChunkElems
 FUSED_KERNELS = ("fast", "mma")
 

@@ -191,15 +191,15 @@ def to_markdown(doc: dict, targets: Sequence[dict], before: Optional[dict] = Non
     L += md_path_table(R.get("decode", []), "qmatmul, M <= 4: CUDA-core decode kernel",
                        "qmatmul_fast_kernel<Bits, bf16, MT, R>: (MT, R) = (1, 4) at M = 1, (4, 4) at "
                        "M <= 4.", targets, old)
-    L += md_path_table(R.get("tensor_core", []), "qmatmul, 4 < M <= 128: tensor-core kernel",
-                       "qmatmul_mma_kernel<Bits, bf16, MT16>: MT16 = 1, 2, 4, 8 M tiles of 16 for "
-                       "M <= 16, 32, 64, 128. Target at M = 16, 8192^2: >= 2.5x.", targets, old)
-    L += md_path_table(R.get("large_m", []), "qmatmul, M > 128: dequantize + cuBLAS",
+    L += md_path_table(R.get("tensor_core", []), "qmatmul, 4 < M <= 64: tensor-core kernel",
+                       "qmatmul_mma_kernel<Bits, bf16, MT16>: MT16 = 1, 2, 4 M tiles of 16 for "
+                       "M <= 16, 32, 64. Target at M = 16, 8192^2: >= 2.5x.", targets, old)
+    L += md_path_table(R.get("large_m", []), "qmatmul, M > 64: dequantize + cuBLAS",
                        "dequantize_kernel (chunks of 2^26 / K rows) then cuBLAS; several chunks add a "
                        "strided copy. Target at M = 1024, 8192^2: >= 0.9x.", targets, old)
     L += md_path_table(R.get("lora", []), "qmatmul + rank-64 LoRA, NF4",
-                       "M <= 128 (16-bit x): the LoRA term fused into the same launch (producer "
-                       "blocks + epilogue); M > 128: two extra cuBLAS calls. Overhead = time with "
+                       "M <= 64 (16-bit x): the LoRA term fused into the same launch (producer "
+                       "blocks + epilogue); M > 64: two extra cuBLAS calls. Overhead = time with "
                        "LoRA / time without - 1. Target at M = 1: <= +15%.", targets, old, lora=True)
     L += md_path_table(R.get("qmatmul_t", []), "qmatmul_t (backward)",
                        "M <= 16: unpack_scales_kernel + qmatmul_t_kernel (splits from "
