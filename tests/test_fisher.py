@@ -223,3 +223,17 @@ def test_select_plain_modules():
         select_linear_modules(nn.Sequential(nn.ReLU()))
     with pytest.raises(TypeError):
         select_linear_modules("not a model")
+
+
+def test_fisher_names_out_of_vocabulary_ids(llama):
+    # An id past the embedding table would be an IndexError deep in the model (a device
+    # assert on a GPU): the batch, row and position are named instead.
+    vocab = llama.get_input_embeddings().num_embeddings
+    good = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    bad = good.clone()
+    bad[1, 4] = vocab + 3
+    with pytest.raises(ValueError, match=rf"batch 1, row 1: token id {vocab + 3} at position 4 "
+                                         rf"is outside the model's vocabulary \(0..{vocab - 1}\)"):
+        estimate_fisher(llama, [good, bad], progress=False)
+    with pytest.raises(ValueError, match="token id -1 at position 0"):
+        estimate_fisher(llama, [torch.full((1, 3), -1)], progress=False)

@@ -363,3 +363,17 @@ def test_public_names():
                  "solve_allocation", "config_grid", "profile_costs", "estimate_fisher",
                  "select_linear_modules"):
         assert callable(getattr(lq, name)) or isinstance(getattr(lq, name), type)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weight_named_before_any_work(value):
+    # Before hours of Fisher and profiling (and not a bare SVD error): the module, its
+    # shape, the value and its position.
+    model = tiny_llama()
+    w = model.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        w[5, 9] = value
+    want = re.escape(f"model.layers.1.mlp.down_proj.weight {tuple(w.shape)} has a non-finite "
+                     f"value ({value}) at [5, 9]")
+    with pytest.raises(ValueError, match=want):
+        quantize_model(model, cfg())

@@ -90,7 +90,10 @@ cudaError_t launch_quantize(const float* w, int64_t rows, int64_t cols, const fl
 // when cols % 32 == 0 (CUDA cores below, and for other cols up to kSmallM).
 constexpr int kSmallM = 16;
 constexpr int kMmaMinM = 4;
-constexpr int kMmaMaxM = 128;
+// Beyond 64 rows dequantize + cuBLAS wins: the SASS cost model puts M = 128 at 183 us on
+// the MMA kernel (every warp reloads its x rows per chunk through L1) against 104 us, for
+// 8192^2 NF4 on an H100 (bench/results/sass_cost_model.md).
+constexpr int kMmaMaxM = 64;
 inline int qmatmul_fused_max_m(DType x_dtype, int64_t cols) {
   return x_dtype != DType::kFloat32 && cols % 32 == 0 ? kMmaMaxM : kSmallM;
 }

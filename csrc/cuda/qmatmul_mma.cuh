@@ -246,8 +246,8 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
   [&]() -> cudaError_t {                                        \
     if ((M) <= 16) { constexpr int kMT16 = 1; return __VA_ARGS__(); } \
     if ((M) <= 32) { constexpr int kMT16 = 2; return __VA_ARGS__(); } \
-    if ((M) <= 64) { constexpr int kMT16 = 4; return __VA_ARGS__(); } \
-    constexpr int kMT16 = 8;                                    \
+    static_assert(kMmaMaxM == 64, "M tiles up to 4");           \
+    constexpr int kMT16 = 4;                                    \
     return __VA_ARGS__();                                       \
   }()
 
