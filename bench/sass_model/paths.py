@@ -9,8 +9,8 @@ ceil(rank/4) x ceil(M/16) blocks compute x @ a^T (lora.cuh) and whose other bloc
 - otherwise (M <= 4, or fp32 x up to 16): qmatmul_fast_kernel with (MT, R) = (1, 4) for
   M = 1, (4, 4) for M <= 4, (16, 2) otherwise;
 beyond: per chunk of max(1, 2^26 / K) rows, dequantize_kernel to x's dtype, then at::mm
-(cuBLAS); one chunk writes ``out`` directly (mm_out), several go through a temporary and a
-strided ``copy_`` into ``out``; LoRA adds mm(x, a^T) and addmm_(out, t, b^T).
+(cuBLAS), each chunk's product written by mm_out straight into its columns of ``out``;
+LoRA adds mm(x, a^T) and addmm_(out, t, b^T).
 qmatmul_t (qmatmul_t_cuda), M <= 16: unpack_scales_kernel, qmatmul_t_kernel<Bits, GT, MT>
 (MT = 1, 4, 16) over ``splits`` row splits into fp32 partials, qmatmul_t_reduce_kernel (the
 fixed-order sum over splits and the cast); M > 16: dequantize + at::mm, in chunks of rows
@@ -180,11 +180,9 @@ def qmatmul_path(ix, dev: Device, shape: str, N: int, K: int, M: int, bits: int,
             r = model.run(k, dataclasses.replace(base, rows=rows, t=(bits, xt)), dev, graph)
             steps.append(Step(f"dequantize_kernel<{bits}, {xt}> ({rows} rows)", r.time,
                               r.launch.dram_bytes, r))
+            # mm_out straight into the chunk's columns of out (ldc = N): no copy
             g = gemm_time(dev, M, rows, K, graph=graph)
             steps.append(Step(f"cuBLAS mm {M}x{rows}x{K}", g, (rows * K + M * K + M * rows) * 2))
-            if rows != N:
-                nb = 2.0 * M * rows * 2
-                steps.append(Step("copy_ into out (strided)", elementwise_time(dev, nb, graph), nb))
         if lora_rank:
             g1 = gemm_time(dev, M, lora_rank, K, graph=graph)
             steps.append(Step(f"cuBLAS mm x@a^T {M}x{lora_rank}x{K}", g1,

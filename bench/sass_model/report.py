@@ -195,8 +195,8 @@ def to_markdown(doc: dict, targets: Sequence[dict], before: Optional[dict] = Non
                        "qmatmul_mma_kernel<Bits, bf16, MT16>: MT16 = 1, 2, 4 M tiles of 16 for "
                        "M <= 16, 32, 64. Target at M = 16, 8192^2: >= 2.5x.", targets, old)
     L += md_path_table(R.get("large_m", []), "qmatmul, M > 64: dequantize + cuBLAS",
-                       "dequantize_kernel (chunks of 2^26 / K rows) then cuBLAS; several chunks add a "
-                       "strided copy. Target at M = 1024, 8192^2: >= 0.9x.", targets, old)
+                       "dequantize_kernel (chunks of 2^26 / K rows) then cuBLAS, each chunk's "
+                       "product written into its columns of out. Target at M = 1024, 8192^2: >= 0.9x.", targets, old)
     L += md_path_table(R.get("lora", []), "qmatmul + rank-64 LoRA, NF4",
                        "M <= 64 (16-bit x): the LoRA term fused into the same launch (producer "
                        "blocks + epilogue); M > 64: two extra cuBLAS calls. Overhead = time with "
