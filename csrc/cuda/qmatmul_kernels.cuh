@@ -94,13 +94,14 @@ __device__ __forceinline__ void lookup8(const float* lut, const uint32_t (&w)[Bi
 // two per lane: decoded per lane.
 // Registers per tile shape (blocks are at most 32 * kQmmMaxWarps = 128 threads). Left to its
 // occupancy heuristic, ptxas gives the M = 1 kernels 64-72 registers and reloads a spilled
-// scalar from local memory in the weight loop; a budget of 96 keeps them spill-free at 5-6
-// blocks per SM.
-template <int MT>
-inline constexpr int kFastMaxRegs = MT == 1 ? 96 : 168;
+// scalar from local memory in the weight loop. The budget is the most blocks per SM without
+// a spill: 80 registers (6 blocks) for NF2-NF5, 96 (5 blocks) for NF6-NF8, whose unpacking
+// needs more (they spill at 80).
+template <int MT, int Bits>
+inline constexpr int kFastMaxRegs = MT == 1 ? (Bits <= 5 ? 80 : 96) : 168;
 
 template <int Bits, typename XT, int MT, int R>
-__global__ void LQ_MAXNREG(kFastMaxRegs<MT>)
+__global__ void LQ_MAXNREG((kFastMaxRegs<MT, Bits>))
     qmatmul_fast_kernel(const XT* __restrict__ x, int M, int K, int N,
                         const uint32_t* __restrict__ qcodes, ScaleArgs sa,
                         const float* __restrict__ offset, const float* __restrict__ levels,
