@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -38,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from sass_model import hw, module, paths  # noqa: E402
+from sass_model import hw, module, paths, report  # noqa: E402
 from sass_model.kernels import fast_geometry  # noqa: E402
 
 ARCH = "sm_90a"
@@ -180,7 +181,9 @@ def resource_table(kernels: Sequence[module.Kernel]) -> List[dict]:
     rows = []
     for k in kernels:
         st, ld = k.spills() if k.section else (None, None)
-        rows.append(dict(kernel=k.demangled.split("(")[0].replace("void ", ""), family=k.family,
+        # "(anonymous namespace)::" first: its parenthesis is not the parameter list's
+        name = k.demangled.replace("(anonymous namespace)::", "").split("(")[0]
+        rows.append(dict(kernel=name.replace("void ", ""), family=k.family,
                          targs=list(k.targs), regs=k.res.get("REG"), stack=k.res.get("STACK"),
                          shared=k.res.get("SHARED"), local=k.res.get("LOCAL"),
                          spill_store_bytes=st, spill_load_bytes=ld))
@@ -253,11 +256,18 @@ def step_row(s: paths.Step) -> dict:
     return d
 
 
+SECTION = {"decode": "decode", "tensor-core": "tensor_core", "dequantize+cuBLAS": "large_m"}
+
+
 def run_model(kernels, shapes, ms, bits_list, graph: bool) -> Dict[str, list]:
+    """Every path of the op for shapes x M x NF on both devices, by section: decode (fast
+    kernel), tensor_core (mma kernel), large_m (dequantize + cuBLAS), lora (NF4 with the
+    rank-64 term, every M), qmatmul_t (every M)."""
     from tqdm import tqdm
 
     ix = module.index(kernels)
-    out: Dict[str, list] = {"decode": [], "decode+lora": [], "large_m": [], "qmatmul_t": []}
+    out: Dict[str, list] = {"decode": [], "tensor_core": [], "large_m": [], "lora": [],
+                            "qmatmul_t": []}
     devs = [hw.H100, hw.H200]
     bar = tqdm(total=len(shapes) * len(ms), desc="paths", unit="shape x M", file=sys.stderr)
     for shape in shapes:
@@ -267,30 +277,75 @@ def run_model(kernels, shapes, ms, bits_list, graph: bool) -> Dict[str, list]:
             for bits in bits_list:
                 for dev in devs:
                     p = paths.qmatmul_path(ix, dev, shape, N, K, M, bits, graph=graph)
-                    out["decode" if M <= paths.K_SMALL_M else "large_m"].append(path_row(p))
+                    out[SECTION[p.path]].append(path_row(p))
                     if bits == 4:
                         q = paths.qmatmul_path(ix, dev, shape, N, K, M, bits, LORA_RANK, graph=graph)
                         row = path_row(q)
                         row["lora_overhead"] = round(q.total_us / p.total_us - 1.0, 3)
-                        out["decode+lora"].append(row)
-                    if M <= paths.K_SMALL_M:
-                        t = paths.qmatmul_t_path(ix, dev, shape, N, K, M, bits, graph=graph)
-                        out["qmatmul_t"].append(path_row(t))
+                        out["lora"].append(row)
+                    t = paths.qmatmul_t_path(ix, dev, shape, N, K, M, bits, graph=graph)
+                    out["qmatmul_t"].append(path_row(t))
     bar.close()
     return out
 
 
+def fast_vs_mma(kernels, shapes, bits_list, graph: bool) -> List[dict]:
+    """Both fused kernels at M = 1..4 (16-bit x), where dispatch runs only the fast one."""
+    ix = module.index(kernels)
+    rows = []
+    for shape in shapes:
+        N, K = shape_dims(shape)
+        for bits in bits_list:
+            for M in (1, 2, 3, 4):
+                row: dict = dict(shape=f"{shape} {N}x{K}", bits=bits, M=M, faster={})
+                for kind in paths.FUSED_KERNELS:
+                    d: dict = {}
+                    for dev in (hw.H100, hw.H200):
+                        p = paths.qmatmul_path(ix, dev, shape, N, K, M, bits, graph=graph,
+                                               kernel=kind)
+                        d[dev.name] = dict(us=round(p.total_us, 2), x=round(p.speedup, 3),
+                                           bound=p.steps[-1].time.binding)
+                        d["instr_w"] = round(p.per_weight()["total"], 3)
+                    row[kind] = d
+                for dev in (hw.H100.name, hw.H200.name):
+                    row["faster"][dev] = min(paths.FUSED_KERNELS, key=lambda k: row[k][dev]["us"])
+                rows.append(row)
+    return rows
+
+
+def lora_detail(kernels, graph: bool, shape: str = "llama2-70b-attn", ms=(1, 16)) -> List[dict]:
+    """The fused LoRA term's producer and consumer paths at the reference shape."""
+    ix = module.index(kernels)
+    N, K = shape_dims(shape)
+    rows = []
+    for M in ms:
+        for dev in (hw.H100, hw.H200):
+            a = paths.qmatmul_path(ix, dev, shape, N, K, M, 4, graph=graph)
+            b = paths.qmatmul_path(ix, dev, shape, N, K, M, 4, LORA_RANK, graph=graph)
+            res = b.steps[-1].result
+            roles = res.roles if res is not None else {}
+            us = lambda name: (round(roles[name].warp_cycles / dev.clock_hz * 1e6, 1)  # noqa: E731
+                               if name in roles else "-")
+            prod = next((r.blocks for r in (res.launch.roles or []) if r.name == "producer"), 0) \
+                if res is not None else 0
+            rows.append(dict(shape=f"{shape} {N}x{K}", M=M, device=dev.name,
+                             base_us=round(a.total_us, 2), us=round(b.total_us, 2),
+                             overhead=round(b.total_us / a.total_us - 1.0, 3), producers=prod,
+                             producer_us=us("producer"), consumer_us=us("consumer"),
+                             binding=b.binding))
+    return rows
+
+
 def evaluate_targets(results: Dict[str, list]) -> List[dict]:
+    from sass_model.report import index_rows
+
+    byk = index_rows({"results": results})
     rows = []
     for t in TARGETS:
         for dev in (hw.H100.name, hw.H200.name):
-            sect = "qmatmul_t" if t["op"] == "qmatmul_t" else (
-                "decode+lora" if t["lora"] else ("decode" if t["M"] <= paths.K_SMALL_M else "large_m"))
-            hit = [r for r in results[sect] if r["shape"] == t["shape"] and r["M"] == t["M"]
-                   and r["bits"] == t["bits"] and r["device"] == dev]
-            if not hit:
+            r = byk.get((t["op"], t["shape"], t["M"], t["bits"], t["lora"], dev))
+            if r is None:
                 continue
-            r = hit[0]
             if t["kind"] == "overhead":
                 pred, ok = r["lora_overhead"], r["lora_overhead"] <= t["value"]
                 shown = f"+{100 * pred:.0f}%"
@@ -311,142 +366,33 @@ def evaluate_targets(results: Dict[str, list]) -> List[dict]:
     return rows
 
 
-# ------------------------------------------------------------------ Markdown
-def _pw(r: dict, key: str) -> str:
-    v = r["per_weight"].get(key, 0.0)
-    return f"{v:.2f}" if v else "0"
-
-
-def _ldg_b(r: dict) -> str:
-    return f"{sum(v for k, v in r['per_weight'].items() if k.startswith('ldg_bytes:')):.2f}"
-
-
-def row_target(r: dict) -> str:
-    """The issue-12 target of a result row: exact (shape, M, NF) match, or the target of the
-    same M and NF at its reference shape in parentheses; "-" where the issue sets none."""
-    lora = r.get("lora_rank", 0)
-    for t in TARGETS:
-        if (t["op"], t["M"], t["bits"], t["lora"]) != (r["op"], r["M"], r["bits"], lora):
-            continue
-        want = {"speedup": f">= {t['value']}x", "overhead": f"<= +{100 * t['value']:.0f}%",
-                "dense": "<= dense"}[t["kind"]]
-        return want if r["shape"] == t["shape"] else f"({want} at {t['shape']})"
-    return "-"
-
-
-def md_path_table(rows: List[dict], title: str, note: str, extra: Optional[str] = None) -> List[str]:
-    out = [f"## {title}", "", note, ""]
-    hdr = ("| shape | M | NF | instr/w | LDS/w | FFMA/w | HFMA2/w | INT/w | IMAD/w | conv/w | "
-           "LDG B/w | DRAM B/w | H100 us | H100 x | H100 bound | H200 us | H200 x | H200 bound |")
-    if extra:
-        hdr += f" {extra} |"
-    hdr += " issue target |"
-    out += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
-    by_key: Dict[tuple, Dict[str, dict]] = {}
-    for r in rows:
-        by_key.setdefault((r["shape"], r["M"], r["bits"]), {})[r["device"]] = r
-    for (shape, M, bits), d in by_key.items():
-        a, b = d.get(hw.H100.name), d.get(hw.H200.name)
-        if a is None or b is None:
-            continue
-        line = (f"| {shape} {a['N']}x{a['K']} | {M} | {bits} | {_pw(a, 'total')} | {_pw(a, 'lds')} | "
-                f"{_pw(a, 'fma')} | {_pw(a, 'hfma2')} | {_pw(a, 'int')} | {_pw(a, 'imad')} | "
-                f"{_pw(a, 'conv')} | {_ldg_b(a)} | {a['per_weight']['dram_bytes']:.2f} | "
-                f"{a['us']:.1f} | {a['speedup_vs_bf16']:.2f} | {a['binding']} | {b['us']:.1f} | "
-                f"{b['speedup_vs_bf16']:.2f} | {b['binding']} |")
-        if extra == "LoRA overhead H100 / H200":
-            line += f" +{100 * a['lora_overhead']:.0f}% / +{100 * b['lora_overhead']:.0f}% |"
-        line += f" {row_target(a)} |"
-        out.append(line)
-    return out + [""]
-
-
-def to_markdown(doc: dict) -> str:
-    L = ["# Static SASS cost model: predicted kernel times (no GPU)", "",
-         f"- device: **{doc['device']}**; predictions for {', '.join(d['name'] for d in doc['devices'])}",
-         f"- date: {doc['date']}",
-         f"- command: `{doc['command']}`",
-         f"- nvcc {doc['versions']['nvcc']}, torch {doc['versions']['torch']}, cuobjdump "
-         f"{doc['versions']['cuobjdump']}, arch {doc['arch']}, module `{doc['module']}`",
-         f"- launch overhead per kernel: {doc['launch_mode']}",
-         "- per-weight counts are lane-instructions per weight (warp-instructions x 32 / N*K) over "
-         "every kernel of the path that has SASS; `x` = bf16 cuBLAS time / predicted time; the "
-         "bound names the largest term of the slowest step.", "",
-         "## Issue 12 targets", "",
-         "| target | device | predicted | target | meets | binding | issue's estimate | physical limit |",
-         "|---|---|---|---|---|---|---|---|"]
-    for t in doc["targets"]:
-        L.append(f"| {t['id']} ({t['shape']}, M={t['M']}, NF{t['bits']}{', r=' + str(t['lora']) if t['lora'] else ''}) "
-                 f"| {t['device']} | {t['predicted']} | {t['target']} | {'yes' if t['meets'] else 'no'} "
-                 f"| {t['binding']} | {t['issue_estimate']} | "
-                 f"{str(t['physical_limit']) + 'x' if t['physical_limit'] else '-'} |")
-    L.append("")
-    R = doc["results"]
-    L += md_path_table(R["decode"], "qmatmul, M <= 16: fused decode kernel",
-                       "qmatmul_fast_kernel<Bits, bf16, MT, R>: (MT, R) = (1, 4) at M = 1, (4, 4) at "
-                       "M <= 4, (16, 2) up to 16. No issue target except the rows above.")
-    L += md_path_table(R["decode+lora"], f"qmatmul + rank-{LORA_RANK} LoRA, NF4",
-                       "M <= 16: lora_down_kernel (rank blocks, serial k-loop) + the decode kernel's "
-                       "LoRA epilogue; M > 16: two extra cuBLAS calls. Overhead = time with LoRA / "
-                       "time without - 1. Target at M = 1: <= +15%.",
-                       extra="LoRA overhead H100 / H200")
-    L += md_path_table(R["large_m"], "qmatmul, M > 16: dequantize + cuBLAS",
-                       "dequantize_kernel (chunks of 2^26 / K rows) then cuBLAS; several chunks add a "
-                       "strided copy. Target at M = 1024, 8192^2: >= 0.9x.")
-    L += md_path_table(R["qmatmul_t"], "qmatmul_t, M <= 16 (backward)",
-                       "unpack_scales_kernel + qmatmul_t_kernel (splits from qmatmul_t_splits) + "
-                       "partial.sum + cast; baseline: dense bf16 g @ W. Target at M = 1, 8192^2: <= dense.")
-    L += ["## Hot loops of the M = 1 decode kernels (8192x8192)", "",
-          "| kernel | regs | warp-instr per iteration | weights per warp-iteration | instr/w in loop | "
-          "LDS | FFMA | INT | IMAD | LDG | SHFL | branch | iterations per warp |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for h in doc["hot_loops"]:
-        c = h["classes"]
-        L.append(f"| {h['kernel']} | {h['regs']} | {h['total']:.0f} | {h['weights']} | "
-                 f"{h['per_weight']:.2f} | {c.get('lds', 0):.0f} | {c.get('fma', 0):.0f} | "
-                 f"{c.get('int', 0):.0f} | {c.get('imad', 0):.0f} | {c.get('ldg', 0):.0f} | "
-                 f"{c.get('shfl', 0):.0f} | {c.get('branch', 0):.0f} | {h['trips']} |")
-    L += ["", f"## Registers and spills ({doc['arch']})", "",
-          "| kernel | regs | stack B | spill stores B | spill loads B |", "|---|---|---|---|---|"]
-    for r in doc["kernels"]:
-        L.append(f"| {r['kernel']} | {r['regs']} | {r['stack']} | {r['spill_store_bytes']} | "
-                 f"{r['spill_load_bytes']} |")
-    if doc.get("sensitivity"):
-        ids = [t["id"] for t in TARGETS]
-        L += ["", "## Sensitivity of the H100 target predictions", "",
-              "| assumption | " + " | ".join(ids) + " |", "|---|" + "---|" * len(ids)]
-        for r in doc["sensitivity"]:
-            cells = []
-            for t in TARGETS:
-                v = r["values"].get(t["id"])
-                cells.append("-" if v is None else (f"+{100 * v:.0f}%" if t["kind"] == "overhead"
-                                                    else f"{v:.2f}x"))
-            L.append(f"| {r['assumption']} | " + " | ".join(cells) + " |")
-    if doc.get("sanity"):
-        L += ["", "## Sanity checks", ""] + [f"- {x}" for x in doc["sanity"]]
-    L += ["", "## Constants", ""]
-    for k, v in doc["constants"].items():
-        L.append(f"- {k}: {v}")
-    L += ["", "## Where the model is uncertain", ""] + [f"- {u}" for u in doc["uncertainty"]]
-    return "\n".join(L) + "\n"
-
-
 def hot_loop_rows(kernels, graph: bool) -> List[dict]:
-    """The hot loop of every M = 1 decode variant at 8192^2 (bf16), the issue's reference."""
+    """One iteration of the weight loop of each fused kernel variant (bf16) at 8192^2: the
+    decode kernel at M = 1 and 4, the tensor-core kernel at M = 1 (MT16 = 1) and at the
+    largest M of each of its tiles."""
     from sass_model import model
-    from sass_model.kernels import Ctx
+    from sass_model.kernels import Ctx, mma_nt
 
-    rows = []
     ix = module.index(kernels)
+    variants = []
     for bits in range(2, 9):
-        k = ix.get(("qmatmul_fast_kernel", (str(bits), "__nv_bfloat16", "1", "4")))
+        variants += [("qmatmul_fast_kernel", (bits, "__nv_bfloat16", 1, 4), 1, 4 * 1024),
+                     ("qmatmul_fast_kernel", (bits, "__nv_bfloat16", 4, 4), 4, 4 * 1024)]
+        for mt16, M in ((1, 1), (1, 16), (2, 32), (4, 64), (8, 128)):
+            variants.append(("qmatmul_mma_kernel", (bits, "__nv_bfloat16", mt16), M,
+                             mma_nt(mt16) * 8 * 128))
+    rows = []
+    for fam, targs, M, w in variants:
+        k = ix.get((fam, tuple(map(str, targs))))
         if k is None:
             continue
-        r = model.run(k, Ctx(8192, 8192, 1, bits, t=(bits, "__nv_bfloat16", 1, 4)), hw.H100, graph)
+        r = model.run(k, Ctx(8192, 8192, M, targs[0], t=targs), hw.H100, graph)
         an = r.analysis
-        w = 4 * 32 * 32  # R rows x 32 groups x 32 codes per warp-iteration
-        rows.append(dict(kernel=f"qmatmul_fast_kernel<{bits}, bf16, 1, 4>", regs=k.res.get("REG"),
-                         total=an.hot_iter.total, weights=w, per_weight=an.hot_iter.total * 32 / w,
-                         classes=dict(an.hot_iter.by_class),
+        short = ", ".join(str(x) for x in targs).replace("__nv_bfloat16", "bf16")
+        rows.append(dict(kernel=f"{fam}<{short}> at M = {M}", family=fam, targs=list(targs), M=M,
+                         bits=targs[0], regs=k.res.get("REG"), total=an.hot_iter.total, weights=w,
+                         per_weight=round(an.hot_iter.total * 32 / w, 3),
+                         classes={c: round(v, 2) for c, v in an.hot_iter.by_class.items()},
                          trips=an.loop_trips[an.hot_loop] if an.hot_loop is not None else None))
     return rows
 
@@ -485,7 +431,7 @@ def sensitivity(kernels, graph: bool) -> List[dict]:
         return target_paths(ix, dev, graph)
 
     rows = [dict(assumption="baseline (as above)", values=run())]
-    old_l1, old_dram = ktab.L1_RESIDENT_BYTES, hw.LATENCY["dram"]
+    old_l1, old_dram, old_hmma = ktab.L1_RESIDENT_BYTES, hw.LATENCY["dram"], hw.HMMA_PER_CLK
     try:
         ktab.L1_RESIDENT_BYTES = float("inf")
         rows.append(dict(assumption="activations always hit L1", values=run()))
@@ -497,52 +443,132 @@ def sensitivity(kernels, graph: bool) -> List[dict]:
                          values=run(dc.replace(hw.H100, clock_hz=1.98e9))))
         rows.append(dict(assumption="100% of peak HBM bandwidth",
                          values=run(dc.replace(hw.H100, bw_efficiency=1.0))))
+        hw.HMMA_PER_CLK = hw.HMMA_PEAK_PER_CLK
+        rows.append(dict(assumption="mma.sync at the full dense tensor peak", values=run()))
+        hw.HMMA_PER_CLK = old_hmma
+        hw.WAVE_QUANTIZED = False
+        rows.append(dict(assumption="latency bound over fractional waves", values=run()))
+        hw.WAVE_QUANTIZED = True
         rows.append(dict(assumption=A10_LIKE.name + ", same SASS", values=run(A10_LIKE)))
     finally:
         ktab.L1_RESIDENT_BYTES, hw.LATENCY["dram"] = old_l1, old_dram
+        hw.HMMA_PER_CLK, hw.WAVE_QUANTIZED = old_hmma, True
         model._CACHE.clear()
     return rows
 
 
+def _row(doc: dict, sect: str, shape: str, M: int, bits: int, dev: str) -> Optional[dict]:
+    return next((r for r in doc["results"].get(sect, []) if r["shape"] == shape and r["M"] == M
+                 and r["bits"] == bits and r["device"] == dev), None)
+
+
 def sanity(doc: dict) -> List[str]:
-    """The model against the issue's own estimates and published numbers."""
+    """The model against the issue's own estimates, the kernels' header comments and
+    published numbers."""
     hot = {h["kernel"]: h for h in doc["hot_loops"]}
-    nf4 = hot.get("qmatmul_fast_kernel<4, bf16, 1, 4>")
-    row = next((r for r in doc["results"]["decode"] if r["shape"] == "llama2-70b-attn"
-                and r["M"] == 1 and r["bits"] == 4 and r["device"] == hw.H100.name), None)
+    nf4 = hot.get("qmatmul_fast_kernel<4, bf16, 1, 4> at M = 1")
+    mma = hot.get("qmatmul_mma_kernel<4, bf16, 1> at M = 16")
+    h = hw.H100.name
+    row = _row(doc, "decode", "llama2-70b-attn", 1, 4, h)
+    m16 = _row(doc, "tensor_core", "llama2-70b-attn", 16, 4, h)
     out = []
     if nf4 and row:
         out.append(
             f"Issue 12 estimates ~4.5 instructions per weight for M = 1 NF4 8192^2 and 2.6-3.0x on "
-            f"H100; the model counts {nf4['per_weight']:.2f} per weight in the hot loop "
-            f"({nf4['total']:.0f} warp-instructions per 4-row step of 4096 weights, the scale "
+            f"H100; the model counts {nf4['per_weight']:.2f} per weight in the decode kernel's hot "
+            f"loop ({nf4['total']:.0f} warp-instructions per 4-row step of 4096 weights, the scale "
             f"window and its refill included) and {row['per_weight']['total']:.2f} over the whole "
             f"launch (prologue, LUT fill, cross-warp reduction: each warp runs only "
             f"{nf4['trips']:.0f} steps at K = 8192), and predicts {row['speedup_vs_bf16']:.2f}x "
             f"({row['binding']}).")
+    if mma and m16:
+        out.append(
+            f"qmatmul_mma.cuh's header estimates ~3.5 instructions per weight and lane for the "
+            f"tensor-core decode; the sm_90a SASS has {mma['per_weight']:.2f} per weight in the "
+            f"chunk loop ({mma['total']:.0f} warp-instructions per chunk of {mma['weights']} "
+            f"weights: LDS {mma['classes'].get('lds', 0):.0f}, FMUL/FFMA "
+            f"{mma['classes'].get('fma', 0):.0f}, INT {mma['classes'].get('int', 0):.0f}, IMAD "
+            f"{mma['classes'].get('imad', 0):.0f}, F2FP/I2FP {mma['classes'].get('conv', 0):.0f}, "
+            f"HMMA {mma['classes'].get('mma', 0):.0f}) and {m16['per_weight']['total']:.2f} over "
+            f"the launch at M = 16 ({m16['speedup_vs_bf16']:.2f}x, {m16['binding']}).")
     sens = {r["assumption"]: r["values"] for r in doc.get("sensitivity", [])}
     a10 = sens.get(A10_LIKE.name + ", same SASS")
-    if a10:
+    if a10 and row:
         out.append(
             f"Marlin (IST-DASLab) reports near-ideal ~3.9x over fp16 at batch 1-16 on an A10 "
             f"(600 GB/s) and notes it is not tuned for Hopper; the same SASS on an A10-class "
-            f"machine is predicted memory-bound at {a10['m1-nf4']:.2f}x for NF4 M = 1: a kernel "
-            f"with {row['per_weight']['total'] if row else 0:.1f} instructions per weight is far "
-            f"from its issue limit at 600 GB/s and issue-bound at 3.35-4.8 TB/s, which is why the "
-            f"H200 predictions fall below the H100's.")
+            f"machine is predicted at {a10['m1-nf4']:.2f}x for NF4 M = 1: a kernel with "
+            f"{row['per_weight']['total']:.1f} instructions per weight is far from its issue limit "
+            f"at 600 GB/s and issue- or latency-bound at 3.35-4.8 TB/s, which is why the H200 "
+            f"predictions fall below the H100's.")
     tv = {(t["id"], t["device"]): t for t in doc["targets"]}
-    h = hw.H100.name
     if all((k, h) in tv for k in ("m16-nf4", "lora-m1", "qmatmul_t-m1", "m1024-nf4")):
-        m16 = next((r for r in doc["results"]["decode"] if r["shape"] == "llama2-70b-attn"
-                    and r["M"] == 16 and r["bits"] == 4 and r["device"] == h), None)
         out.append(
-            f"The issue's other estimates against the model (H100): M = 16 NF4 ~0.5x vs "
-            f"{tv[('m16-nf4', h)]['value']:.2f}x ("
-            + (f"{m16['per_weight']['total']:.0f} lane-instructions per weight, fp32 FMA; " if m16 else "")
-            + f"{tv[('m16-nf4', h)]['binding']}); LoRA +70-130% vs "
+            f"The issue's other estimates against the model (H100): M = 16 NF4 ~0.5x (CUDA cores) "
+            f"vs {tv[('m16-nf4', h)]['value']:.2f}x now on tensor cores "
+            f"({tv[('m16-nf4', h)]['binding']}); LoRA +70-130% vs "
             f"+{100 * tv[('lora-m1', h)]['value']:.0f}%; qmatmul_t 100-250 us vs "
             f"{tv[('qmatmul_t-m1', h)]['us']:.0f} us; M = 1024 ~0.78x vs "
             f"{tv[('m1024-nf4', h)]['value']:.2f}x.")
+    return out
+
+
+def _kernel_row(doc: Optional[dict], name: str) -> Optional[dict]:
+    return next((k for k in (doc or {}).get("kernels", []) if k["kernel"] == name), None)
+
+
+def findings(doc: dict, before: Optional[dict]) -> List[str]:
+    """What binds the target paths, in numbers from this run (and the earlier one)."""
+    h = hw.H100.name
+    out = []
+    dec = _row(doc, "decode", "llama2-70b-attn", 1, 4, h)
+    name = "lqlora::cuda::qmatmul_fast_kernel<4, __nv_bfloat16, 1, 4>"
+    k_new, k_old = _kernel_row(doc, name), _kernel_row(before, name)
+    if dec:
+        st = dec["steps"][-1]
+        waves = math.ceil(st["grid"] / (hw.H100.sms * max(1, st["resident_blocks_per_sm"])))
+        regs = (f"{k_old['regs']} -> {k_new['regs']} registers" if k_old and k_new
+                else f"{k_new['regs'] if k_new else '?'} registers")
+        out.append(
+            f"M = 1 NF4 8192^2 (qmatmul_fast_kernel<4, bf16, 1, 4>): {regs}, "
+            f"{st['resident_blocks_per_sm']} blocks per SM, {st['grid']} blocks = {waves} waves of "
+            f"a {st['warp_cycles']:.0f}-cycle warp path: latency {st['bounds_us']['latency']:.1f} us "
+            f"against issue {st['bounds_us']['issue']:.1f} us and memory "
+            f"{st['bounds_us']['memory']:.1f} us -> {dec['speedup_vs_bf16']:.2f}x.")
+    for r in doc.get("lora_detail", []):
+        if r["device"] != h:
+            continue
+        out.append(
+            f"Fused LoRA, M = {r['M']}: the {r['producers']} producer blocks' path is "
+            f"{r['producer_us']} us (lora_produce: K split into slices, one warp per column of t "
+            f"with 4 loads in flight per lane) against {r['consumer_us']} us for a weight block; "
+            f"every consumer waits for it before its epilogue: {r['base_us']:.1f} -> "
+            f"{r['us']:.1f} us (+{100 * r['overhead']:.0f}%).")
+    m16 = _row(doc, "tensor_core", "llama2-70b-attn", 16, 4, h)
+    if m16:
+        st = m16["steps"][-1]
+        warps_sm = st["warps"] / hw.H100.sms
+        out.append(
+            f"M = 16 (qmatmul_mma_kernel<4, bf16, 1>): {st['grid']} blocks x {st['threads'] // 32} "
+            f"warps = {warps_sm:.1f} warps per SM ({warps_sm / 4:.1f} per scheduler), each walking "
+            f"{st['hot_loop_trips']:.0f} chunks on a {st['warp_cycles']:.0f}-cycle path: latency "
+            f"{st['bounds_us']['latency']:.1f} us vs issue {st['bounds_us']['issue']:.1f} us, "
+            f"memory {st['bounds_us']['memory']:.1f} us.")
+    old = {}
+    if before:
+        from sass_model.report import index_rows
+
+        old = index_rows(before)
+    for M in (64, 128):
+        r = _row(doc, "tensor_core", "llama2-70b-attn", M, 4, h)
+        if r:
+            st = r["steps"][-1]
+            o = old.get(("qmatmul", "llama2-70b-attn", M, 4, 0, h))
+            out.append(
+                f"M = {M} on tensor cores: {r['us']:.1f} us ({r['speedup_vs_bf16']:.2f}x, "
+                f"{r['binding']}; smem/L1 {st['bounds_us']['smem/L1']:.1f} us: every warp reloads "
+                f"its x rows per chunk)" + (f" vs {o['us']:.1f} us ({o['speedup_vs_bf16']:.2f}x) "
+                                            f"for dequantize + cuBLAS before" if o else "") + ".")
     return out
 
 
@@ -559,6 +585,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--eager", action="store_true", help="eager launch overhead (default: CUDA graph)")
     ap.add_argument("--out-json", default=os.path.join(HERE, "results", "sass_cost_model.json"))
     ap.add_argument("--out-md", default=os.path.join(HERE, "results", "sass_cost_model.md"))
+    ap.add_argument("--before", metavar="JSON",
+                    help="an earlier record (its JSON) to show beside this run in the Markdown: "
+                         "the before/after of a kernel change")
     ap.add_argument("--check-spills", action="store_true",
                     help="print registers and spill bytes per kernel; exit 1 if an M = 1 decode "
                          "kernel (qmatmul_fast_kernel with MT = 1) spills")
@@ -577,6 +606,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shape_dims(s)
         except (KeyError, LookupError, ValueError) as e:
             ap.error(f"--shapes: unknown shape {s!r} ({e})")
+    before = None
+    if args.before:
+        try:
+            with open(args.before) as f:
+                before = json.load(f)
+        except OSError as e:
+            ap.error(f"--before {args.before}: {e.strerror}")
+        except ValueError as e:
+            ap.error(f"--before {args.before}: not a JSON record ({e})")
+        if not isinstance(before, dict) or "results" not in before or "targets" not in before:
+            ap.error(f"--before {args.before}: not a record of this script (no results/targets)")
     try:
         kernels, info = load_module(args)
     except module.ToolError as e:
@@ -588,8 +628,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{len(kernels)} kernels; modeling {len(shapes)} shapes x M={ms} x NF{bits_list}")
     try:
         results = run_model(kernels, shapes, ms, bits_list, graph)
+        versus = fast_vs_mma(kernels, shapes, bits_list, graph)
         hot = hot_loop_rows(kernels, graph)
-        sens = sensitivity(kernels, graph) if "llama2-70b-attn" in shapes else []
+        ref = "llama2-70b-attn" in shapes
+        lora = lora_detail(kernels, graph) if ref else []
+        sens = sensitivity(kernels, graph) if ref else []
     except paths.PathError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -613,18 +656,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "cuBLAS GEMM efficiency": hw.GEMM_NOTE,
                    "latencies (cycles)": hw.LATENCY, "issue": "4 warp-instructions/clk/SM",
                    "pipes (warp-instr/clk/SM)": {p: r for p, (_, r) in hw.PIPES.items()},
-                   "shared memory / L1": "128 B/clk/SM", "tensor": f"{hw.HMMA_PER_CLK} HMMA.16816/clk/SM",
+                   "shared memory / L1": "128 B/clk/SM", "tensor": hw.TENSOR_NOTE,
                    "decode geometry 8192": f"WK, steps per warp = {fast_geometry(8192)}"},
+        before=({"date": before.get("date"), "module": before.get("module"),
+                 "command": before.get("command"), "file": os.path.basename(args.before)}
+                if before else None),
         targets=evaluate_targets(results),
+        fast_vs_mma=versus,
         hot_loops=hot,
+        lora_detail=lora,
         kernels=resource_table(kernels),
         results=results,
         sensitivity=sens,
         uncertainty=UNCERTAINTY,
     )
     doc["sanity"] = sanity(doc)
+    doc["findings"] = findings(doc, before)
     atomic_write(args.out_json, json.dumps(doc, indent=1) + "\n")
-    atomic_write(args.out_md, to_markdown(doc))
+    atomic_write(args.out_md, report.to_markdown(doc, TARGETS, before))
     for sect, rows in results.items():
         pick = {}
         for r in rows:

@@ -17,9 +17,9 @@ from sass_model import hw, kernels, module, paths  # noqa: E402
 from sass_model.sass import build_cfg, find_loops, parse_res_usage, parse_sass  # noqa: E402
 
 M1_NF4 = ("_ZN6lqlora4cuda19qmatmul_fast_kernelILi4E13__nv_bfloat16Li1ELi4EEEvPKT0_iiiPKjNS0_"
-          "9ScaleArgsEPKfSA_iiNS0_8LoraArgsEPS3_")
+          "9ScaleArgsEPKfSA_iiNS0_9LoraFusedEPS3_")
 M16_NF4 = ("_ZN6lqlora4cuda19qmatmul_fast_kernelILi4E13__nv_bfloat16Li16ELi2EEEvPKT0_iiiPKjNS0_"
-           "9ScaleArgsEPKfSA_iiNS0_8LoraArgsEPS3_")
+           "9ScaleArgsEPKfSA_iiNS0_9LoraFusedEPS3_")
 
 # cuobjdump -sass layout: address comment, instruction, low encoding word; then the high
 # word, whose bits 41..61 are the control code (stall, yield, write/read scoreboard, wait
@@ -216,11 +216,12 @@ def test_tables_and_time_model():
     # offsets read back from the sm_90a SASS of qmatmul_fast_kernel (c[0x0][...])
     assert lay["K"][0] == 0x21C and lay["N"][0] == 0x220 and lay["sa.scale2_dtype"][0] == 0x240
     assert lay["sa.Lq"][0] == 0x24C and lay["log2_b0"][0] == 0x260
-    assert lay["lora.rank"][0] == 0x27C and lay["out"][0] == 0x288
+    assert lay["lora.rank"][0] == 0x284 and lay["lora.kslices"][0] == 0x2A4
+    assert lay["out"][0] == 0x2B0
     assert kernels.layout(kernels.LORA_DOWN_PARAMS)[0]["t"][0] == 0x230
     assert kernels.fast_geometry(8192) == (4, [2, 2, 2, 2])
     assert kernels.fast_geometry(576) == (1, [1])
-    assert kernels.t_splits(8192, 8192) == 32
+    assert kernels.t_splits(8192, 8192) == 64  # 4 blocks per SM, capped at 64 splits
     # a runtime loop compiled as copies unrolled 16x, 4x, 1x runs them greedily
     assert [kernels.unrolled_trips(8, u, [16, 4, 1]) for u in (16, 4, 1)] == [0, 2, 0]
     assert [kernels.unrolled_trips(23, u, [16, 4, 1]) for u in (16, 4, 1)] == [1, 1, 3]
@@ -282,7 +283,11 @@ def _real_module():
         so = module.default_module()
     except module.ToolError as e:
         pytest.skip(str(e))
-    if cli.ARCH not in module.list_arches(tool, so):
+    try:
+        arches = module.list_arches(tool, so)
+    except module.ToolError as e:  # cuobjdump: "does not contain device code" (CPU build)
+        pytest.skip(f"{os.path.basename(so)}: {e}")
+    if cli.ARCH not in arches:
         pytest.skip(f"{os.path.basename(so)} has no {cli.ARCH} cubin (built without CUDA)")
     return tool, so
 

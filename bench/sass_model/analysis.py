@@ -5,7 +5,9 @@ wavefronts, and the time one warp needs along its path (from the control codes).
 Branches are decided in three ways, in this order:
 1. evaluated: the predicate comes from comparisons of kernel parameters and immediates,
    which a small constant propagation follows (LDC c[0x0][param], MOV, IADD3, IMAD, SHF,
-   LOP3, ISETP/UISETP); ``params`` gives the launch's parameter words;
+   LOP3, ISETP/UISETP); ``params`` gives the launch's parameter words (keyed by their
+   constant-bank offset) and may pin special registers (key ``"SR_CTAID.X"``: the block
+   index of one role of a grid whose blocks run different code);
 2. rules: BRA.DIV (diverged-warp fallback) is not taken; a branch that skips an
    out-of-line CALL and nothing else (``MOV Rret; CALL.REL`` of the IEEE-division slow
    path, entered only for denormal or huge operands) is taken; a chain of unknown branches
@@ -19,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .sass import Block, Instr, Loop, build_cfg, find_loops, innermost_loop_of
 
 M32 = 0xFFFFFFFF
+# Launch values: constant-bank words by offset, special registers by name (SR_CTAID.X).
+Params = Dict[Union[int, str], int]
 
 # ------------------------------------------------------------------ pipe classification
 # Lanes per clock per SM on sm_90 (CUDA C++ Programming Guide, "Arithmetic Instructions",
@@ -166,7 +170,57 @@ def _to_int(tok: str) -> Optional[int]:
     return None
 
 
-def _value(o: str, regs: Dict[str, int], params: Dict[int, int]) -> Optional[int]:
+@dataclasses.dataclass(frozen=True)
+class KBits:
+    """A register whose bits under ``mask`` are known to be those of ``val`` (the rest
+    unknown): kernels keep flags in bits of one register (``LOP3 R0, R0, 0xfffffffd``, then
+    ``@P0 LOP3 R0, R0, 0x2``, then ``LOP3.LUT P0, RZ, R0, 0x2``)."""
+
+    val: int
+    mask: int
+
+
+def _known(val: int, mask: int):
+    """A register value from known bits: an int when all are known, None when none are."""
+    mask &= M32
+    if mask == M32:
+        return val & M32
+    return KBits(val & mask, mask) if mask else None
+
+
+def _kbits(o: str, regs: dict, params: Params) -> Tuple[int, int]:
+    """(value, known mask) of an operand; unknown registers have mask 0."""
+    core = o.strip().replace(".reuse", "")
+    inv = core.startswith("~")
+    core = core[1:] if inv else core
+    x = regs.get(core) if re.fullmatch(r"U?R\d+", core) else None
+    if isinstance(x, KBits):
+        val, mask = x.val, x.mask
+    else:
+        v = _value(core, regs, params)
+        val, mask = (0, 0) if v is None else (v, M32)
+    return ((~val & M32) if inv else val), mask
+
+
+def _lop3_bits(a: Tuple[int, int], b: Tuple[int, int], c: Tuple[int, int], lut: int):
+    """LOP3 on partially known operands: a result bit is known where every value the
+    unknown input bits can take gives the same LUT output."""
+    def can(x, bit):  # bits where operand x can be `bit`
+        v, m = x
+        return ((v if bit else ~v) & m | ~m) & M32
+
+    can1 = can0 = 0
+    for k in range(8):
+        sel = can(a, k >> 2 & 1) & can(b, k >> 1 & 1) & can(c, k & 1)
+        if (lut >> k) & 1:
+            can1 |= sel
+        else:
+            can0 |= sel
+    mask = ~(can1 & can0) & M32
+    return _known(can1 & mask, mask)
+
+
+def _value(o: str, regs: Dict[str, int], params: Params) -> Optional[int]:
     o = o.strip().replace(".reuse", "")
     neg = o.startswith("-")
     inv = o.startswith("~")
@@ -176,6 +230,8 @@ def _value(o: str, regs: Dict[str, int], params: Dict[int, int]) -> Optional[int
         v = 0
     elif re.fullmatch(r"U?R\d+", core):
         v = regs.get(core)
+        if isinstance(v, KBits):  # partly known: unknown as a number
+            v = None
     elif re.fullmatch(r"c\[0x0\]\[0x[0-9a-fA-F]+\]", core):
         v = params.get(int(core.split("][")[1].rstrip("]"), 16))
     else:
@@ -213,19 +269,8 @@ def _cmp(kind: str, a: int, b: int, unsigned: bool) -> Optional[bool]:
             "GE": a >= b}.get(kind)
 
 
-def _lop3(a: int, b: int, c: int, lut: int) -> int:
-    r = 0
-    for bit in range(8):
-        if (lut >> bit) & 1:
-            ta = a if (bit >> 2) & 1 else (~a & M32)
-            tb = b if (bit >> 1) & 1 else (~b & M32)
-            tc = c if bit & 1 else (~c & M32)
-            r |= ta & tb & tc
-    return r & M32
-
-
 def transfer(ins: Instr, regs: Dict[str, int], preds: Dict[str, bool],
-             params: Dict[int, int]) -> None:
+             params: Params) -> None:
     """Apply one instruction to the known register/predicate values (in place)."""
     dests = _dest_regs(ins)
     guard = _pval(ins.pred, preds) if ins.pred else True
@@ -237,7 +282,10 @@ def transfer(ins: Instr, regs: Dict[str, int], preds: Dict[str, bool],
     v = lambda o: _value(o, regs, params)  # noqa: E731
     try:
         op = ins.op
-        if op in ("LDC", "ULDC") and len(ops) == 2 and re.fullmatch(r"c\[0x0\]\[0x[0-9a-fA-F]+\]", ops[1]):
+        if op in ("S2R", "S2UR") and len(ops) == 2 and ops[1] in params:
+            # a special register the launch pins (SR_CTAID.X of a block role)
+            new_r[dests[0]] = params[ops[1]] & M32
+        elif op in ("LDC", "ULDC") and len(ops) == 2 and re.fullmatch(r"c\[0x0\]\[0x[0-9a-fA-F]+\]", ops[1]):
             off = int(ops[1].split("][")[1].rstrip("]"), 16)
             for k, d in enumerate(dests):
                 new_r[d] = params.get(off + 4 * k)
@@ -265,15 +313,37 @@ def transfer(ins: Instr, regs: Dict[str, int], preds: Dict[str, bool],
         elif op in ("LOP3", "ULOP3") and "LUT" in ins.mods:
             # LOP3.LUT [Pd,] Rd, a, b, c, lut, Pq
             k = 2 if ops and _is_pred(_reg_name(ops[0])) else 1
-            a, b, c, lut = (v(o) for o in ops[k:k + 4])
-            res = None if None in (a, b, c, lut) else _lop3(a, b, c, lut)
+            a, b, c = (_kbits(o, regs, params) for o in ops[k:k + 3])
+            lut = v(ops[k + 3])
+            res = None if lut is None else _lop3_bits(a, b, c, lut)
             if k == 2:
-                new_p[_reg_name(ops[0])] = None if res is None else res != 0
+                if isinstance(res, KBits):  # nonzero if a known bit is set
+                    new_p[_reg_name(ops[0])] = True if res.val else None
+                else:
+                    new_p[_reg_name(ops[0])] = None if res is None else res != 0
                 rd = _reg_name(ops[1])
                 if rd and rd not in ("RZ",):
                     new_r[rd] = res
             else:
                 new_r[dests[0]] = res
+        elif op in ("PLOP3", "UPLOP3") and "LUT" in ins.mods and len(ops) == 7:
+            # PLOP3.LUT Pd, Pq, Pa, Pb, Pc, lut_d, lut_q: two boolean LUTs of three predicates
+            a, b, c = (_pval(o, preds) for o in ops[2:5])
+            luts = (_to_int(ops[5]), _to_int(ops[6]))
+            for d, lut in zip(ops[:2], luts):
+                rd = _reg_name(d)
+                if rd is None or rd in ("PT", "UPT"):
+                    continue
+                new_p[rd] = (None if None in (a, b, c) or lut is None
+                             else bool((lut >> (4 * a + 2 * b + c)) & 1))
+        elif op == "P2R" and len(ops) == 4 and ops[1] == "PR":
+            # P2R Rd, PR, Rs, mask: predicate P_i -> bit i where the mask has it, else Rs
+            src, mask = v(ops[2]), _to_int(ops[3])
+            bits = [(i, preds.get(f"P{i}")) for i in range(7) if mask is not None and (mask >> i) & 1]
+            if src is None or mask is None or any(x is None for _, x in bits):
+                new_r[dests[0]] = None
+            else:
+                new_r[dests[0]] = (src & ~mask & M32) | sum(1 << i for i, x in bits if x)
         elif op in ("ISETP", "UISETP") and len(ops) == 5 and "EX" not in ins.mods:
             kind = next((m for m in ins.mods if m in ("EQ", "NE", "LT", "LE", "GT", "GE")), None)
             comb = next((m for m in ins.mods if m in ("AND", "OR", "XOR")), "AND")
@@ -318,7 +388,7 @@ def transfer(ins: Instr, regs: Dict[str, int], preds: Dict[str, bool],
 
 
 def propagate_constants(instrs: Sequence[Instr], blocks: Sequence[Block],
-                        params: Dict[int, int]) -> List[Tuple[Dict[str, int], Dict[str, bool]]]:
+                        params: Params) -> List[Tuple[Dict[str, int], Dict[str, bool]]]:
     """Known (register, predicate) values at each block's last instruction (before it).
     Forward data flow, meet = agreement of every visited predecessor."""
     n = len(blocks)
@@ -377,7 +447,7 @@ class Decisions:
 
 
 def decide_branches(instrs: Sequence[Instr], blocks: Sequence[Block], loops: Sequence[Loop],
-                    params: Dict[int, int],
+                    params: Params,
                     break_chain: Optional[Callable[[int, int], Optional[float]]] = None,
                     hint: Optional[Callable[[BranchInfo], Optional[float]]] = None) -> Decisions:
     """Weights of the taken / fall-through edge of every conditional branch (see module
@@ -563,7 +633,8 @@ READ_RELEASE = 8  # cycles until a variable-latency instruction has read its sou
 
 def simulate_warp(instrs: Sequence[Instr], blocks: Sequence[Block], loops: Sequence[Loop],
                   freq: Sequence[float], trips_max: Sequence[float],
-                  latency: Callable[[Instr], int]) -> float:
+                  latency: Callable[[Instr], int],
+                  trace: Optional[Callable[[Instr, float, float], None]] = None) -> float:
     """Cycles one warp needs along its typical path, alone on its sub-partition.
 
     The path: blocks with a per-warp frequency > 0, in address order; a loop's body
@@ -572,7 +643,9 @@ def simulate_warp(instrs: Sequence[Instr], blocks: Sequence[Block], loops: Seque
     previous one's stall count and once the scoreboards it waits on are released; a
     variable-latency instruction releases its write scoreboard ``latency(ins)`` cycles
     after issue. BAR waits for every outstanding scoreboard (the other warps are assumed
-    symmetric)."""
+    symmetric). ``trace(ins, ready, issue)``, if given, sees every simulated instruction
+    with the cycle it was ready to issue (after the previous one's stall) and the cycle it
+    issued (after its scoreboard waits)."""
     inner = innermost_loop_of(blocks, loops)
     state = {"t": 0.0, "bar": [0.0] * 6}
 
@@ -586,6 +659,8 @@ def simulate_warp(instrs: Sequence[Instr], blocks: Sequence[Block], loops: Seque
                     t = max(t, bar[k])
         if ins.op == "BAR":
             t = max([t] + bar) + 20
+        if trace is not None:
+            trace(ins, state["t"], t)
         if cc is not None:
             if cc.wbar is not None:
                 bar[cc.wbar] = max(bar[cc.wbar], t + latency(ins))
@@ -668,7 +743,7 @@ def spill_bytes(instrs: Sequence[Instr]) -> Tuple[int, int]:
     return st, ld
 
 
-def analyze(instrs: Sequence[Instr], params: Dict[int, int],
+def analyze(instrs: Sequence[Instr], params: Params,
             loop_trips: Callable[[List[Loop], List[Block], Sequence[Instr], List[bool]],
                                  Tuple[List[float], List[float], Optional[int]]],
             latency: Callable[[Instr], int],

@@ -51,8 +51,17 @@ H200 = Device("H200 SXM", 132, 1.755e9, 4.8e12, 0.90, 50 * 2**20, 989.4e12)
 DEVICES = {"h100": H100, "h200": H200}
 
 # Tensor pipe: 989.4 TFLOPS dense bf16 at the 1.83 GHz tensor boost over 132 SMs is 4096
-# FLOP/clk/SM, i.e. one m16n8k16 HMMA (4096 FLOP) per clock per SM (datasheet arithmetic).
-HMMA_PER_CLK = 1.0
+# FLOP/clk/SM, i.e. one m16n8k16 HMMA (4096 FLOP) per clock per SM (datasheet arithmetic);
+# that peak is reached through wgmma. The warp-level mma.sync that the kernels issue (SASS
+# HMMA.16816) reaches about two thirds of it on H100 (Shah et al., "FlashAttention-3",
+# 2024, section 2: "mma.sync ... can only reach about 2/3 of the peak throughput of the
+# Hopper Tensor Cores").
+HMMA_PEAK_PER_CLK = 1.0
+MMA_SYNC_FRACTION = 2.0 / 3.0
+HMMA_PER_CLK = HMMA_PEAK_PER_CLK * MMA_SYNC_FRACTION
+TENSOR_NOTE = (f"{HMMA_PER_CLK:.3f} HMMA.16816 (mma.sync m16n8k16) per clock per SM: the dense "
+               "bf16 peak of one per clock (989.4 TFLOPS at 1.83 GHz over 132 SMs) times the ~2/3 "
+               "that mma.sync reaches on Hopper (FlashAttention-3, Shah et al. 2024)")
 
 # Variable-latency results (cycles from issue to scoreboard release), unloaded.
 LATENCY = {
@@ -68,6 +77,12 @@ LATENCY = {
     "hmma": 35,
     "other": 20,
 }
+
+
+# The latency bound counts whole waves of resident blocks: blocks of one kernel take about
+# the same path, so a partial last wave costs a whole block's path (the sensitivity table
+# shows the bound with fractional waves).
+WAVE_QUANTIZED = True
 
 
 def occupancy(dev: Device, threads: int, regs: int, smem: int) -> int:
@@ -94,14 +109,16 @@ class KernelTime:
 def kernel_time(dev: Device, blocks: int, threads: int, warp_counts: Counts, warps_total: float,
                 dram_bytes: float, warp_cycles: float, resident_blocks: int,
                 lut_conflict: float = 1.0, graph: bool = True,
-                lut_lds: Optional[float] = None) -> KernelTime:
+                lut_lds: Optional[float] = None, path_floor_cycles: float = 0.0) -> KernelTime:
     """Largest of the bounds for one launch of ``blocks`` blocks.
 
     warp_counts: the average warp's counts; warps_total: warps in the grid. Work spreads
     over min(blocks, SMs) SMs, each taking ceil(blocks / SMs) blocks' worth (wave
     quantization); the latency bound is ceil(blocks / (SMs x resident)) waves of the
     longest warp's path. lut_conflict multiplies the wavefronts of the ``lut_lds``
-    table-lookup LDS per warp (default: every LDS with a computed address)."""
+    table-lookup LDS per warp (default: every LDS with a computed address).
+    path_floor_cycles: a path the launch cannot finish before, whatever its waves (the
+    fused LoRA's producer blocks, which every consumer block waits for)."""
     clk = dev.clock_hz
     per_sm = math.ceil(blocks / dev.sms) * (warps_total / max(blocks, 1))  # warps per SM
     b: Dict[str, float] = {}
@@ -110,15 +127,16 @@ def kernel_time(dev: Device, blocks: int, threads: int, warp_counts: Counts, war
     for pipe, (_, rate) in PIPES.items():
         n = warp_counts.by_pipe.get(pipe, 0.0)
         if pipe == "tensor":
-            rate = HMMA_PER_CLK
+            rate = HMMA_PER_CLK  # read at call time: the sensitivity rows patch it
         if n and rate:
             b[f"pipe:{pipe}"] = per_sm * n / rate / clk * 1e6
     lut = warp_counts.lut_lds if lut_lds is None else lut_lds
     lds = warp_counts.lds_wavefronts + (lut_conflict - 1.0) * lut
     wavefronts = lds + warp_counts.l1_wavefronts
     b["smem/L1"] = per_sm * wavefronts * 128 / dev.smem_bytes_per_clk / clk * 1e6
-    waves = math.ceil(blocks / (dev.sms * max(resident_blocks, 1)))
-    b["latency"] = waves * warp_cycles / clk * 1e6
+    waves = blocks / (dev.sms * max(resident_blocks, 1))
+    waves = math.ceil(waves) if WAVE_QUANTIZED else max(1.0, waves)
+    b["latency"] = max(waves * warp_cycles, path_floor_cycles) / clk * 1e6
     binding = max(b, key=b.get)
     launch = dev.launch_us_graph if graph else dev.launch_us_eager
     return KernelTime(b, launch, b[binding] + launch, binding)

@@ -10,15 +10,23 @@ A kernel change means one edit here (and in paths.py if the host glue changes). 
 - ``ldg_level``: where its non-streaming global loads hit (latency only; ``.EF``
   evict-first loads are weight streams and always come from DRAM).
 
-Source facts used below (csrc/cuda/qmatmul_kernels.cuh, qmatmul_t.cu, dequantize.cu,
-launch.h):
+Source facts used below (csrc/cuda/qmatmul_kernels.cuh, qmatmul_mma.cuh, qmatmul_t.cu,
+dequantize.cu, qmatmul_dispatch.cuh, launch.h):
 - qmatmul_fast_kernel<Bits, XT, MT, R>: grid ceil(N/R) blocks of (32, WK) threads, WK = 4
   if K/32 >= 128, 2 if >= 64, else 1; warp y walks groups [y*Gw, min(G, (y+1)*Gw)), Gw =
   ceil(ceil(G/WK)/32)*32, 32 groups (lane l: group base + l, 32 codes) per step, R rows
   per step: one hot-loop iteration = R x 32 x 32 codes per warp (masked lanes do no work).
-- lora_down_kernel<XT>: rank blocks of 256 threads, thread k-loop with stride 256.
-- qmatmul_t_kernel<GT>: grid (ceil(K / 2048), splits) x 256 threads, thread owns 8
-  columns and walks rows_per_split rows, kTMTile = 4 rows of g per outer pass.
+- qmatmul_mma_kernel<Bits, XT, MT16>: NT = 4 n-tiles of 8 rows per warp for MT16 <= 2, 2
+  for MT16 = 4, 1 for MT16 = 8; grid ceil(N / 8NT) blocks of (32, WK) threads, WK = 4 if
+  ceil(G/4) >= 16 chunks, 2 if >= 8, else 1; warp y walks chunks [y*pw, min(C, (y+1)*pw)),
+  pw = ceil(C/WK), one chunk = 4 groups (128 k) of each of its 8NT rows: one hot-loop
+  iteration = NT x 8 x 128 weights per warp, 2 x 4 x MT16 x NT mma.m16n8k16 per iteration.
+- lora_down_kernel<XT>: grid (rank, ceil(M/16)) blocks of 256 threads, thread k-loop with
+  stride 256, rows [16y, 16y + 16) of x per block.
+- qmatmul_t_kernel<Bits, GT, MT>: grid (ceil(K / 1024), splits) x 128 threads, thread owns
+  8 columns and walks rows_per_split rows, kTUnroll = 4 rows per iteration;
+  qmatmul_t_reduce_kernel<GT>: one thread per output of M x K (256 per block), a loop over
+  the splits 1..splits-1.
 - dequantize_kernel<Bits, OutT>: 8 warps per block, a warp decodes 32 groups = 1024 codes
   in straight-line code, then stores its 32x32 tile in a loop unrolled by 4 (8 trips).
 - unpack_scales_kernel: one thread per scale, 256 per block.
@@ -30,8 +38,7 @@ import math
 import struct
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .analysis import Loop
-from .sass import Block, Instr
+from .sass import Block, Instr, Loop
 
 PARAM_BASE = 0x210  # sm_70+: kernel parameters start at c[0x0][0x210]
 BUILTIN = {"ntid.x": 0x0, "ntid.y": 0x4, "ntid.z": 0x8, "nctaid.x": 0xC, "nctaid.y": 0x10,
@@ -43,6 +50,14 @@ SCALE_ARGS = [("qscales", PTR, 8), ("scale2", PTR, 8), ("scale2_dtype", INT, 4),
               ("scale_bits", INT, 4), ("log2_b1", INT, 4), ("Lq", F32, 4)]
 LORA_ARGS = [("t", PTR, 8), ("b", PTR, 8), ("b_dtype", INT, 4), ("rank", INT, 4),
              ("scale", F32, 4)]
+LORA_FUSED = [("a", PTR, 8), ("a_dtype", INT, 4), ("b", PTR, 8), ("b_dtype", INT, 4),
+              ("rank", INT, 4), ("scale", F32, 4), ("t", PTR, 8), ("ready", PTR, 8),
+              ("tiles", INT, 4), ("kslices", INT, 4), ("producers", INT, 4)]  # lora.cuh LoraFused
+K_LORA_J = 4  # launch.h kLoraJ: columns of t per producer tile
+K_LORA_TILE_M = 16  # launch.h kLoraTileM: rows of x per tile
+K_LORA_K_CHUNK = 512  # launch.h kLoraKChunk: K per producer slice (before rounding)
+K_LORA_MAX_SLICES = 16  # launch.h kLoraMaxSlices
+K_LORA_UNROLL = 4  # lora.cuh lora_produce kU: loads in flight per lane and step
 DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}  # launch.h enum DType
 
 
@@ -152,6 +167,20 @@ class Launch:
     # where each global load hits, for the latency path: {address: "dram"/"l2"/"l1"};
     # loads not listed use the kernel's ldg_level, evict-first (.EF) loads "dram"
     load_levels: Optional[Callable[[Sequence[Instr]], Dict[int, str]]] = None
+    # blocks that run different code (the fused LoRA's producer blocks): each role is
+    # analyzed on its own with SR_CTAID.X pinned; None = every block alike
+    roles: Optional[List["Role"]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """A set of blocks of one grid that take the same path: ``ctaid`` is a representative
+    blockIdx.x, ``warps`` the warps of these blocks that do work."""
+
+    name: str
+    blocks: int
+    warps: float
+    ctaid: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,15 +251,164 @@ def unrolled_trips(n: int, u: int, copies: Sequence[int]) -> float:
     return 0.0
 
 
+def induction_stride(loop: Loop, blocks: List[Block], instrs: Sequence[Instr]) -> Optional[int]:
+    """The step of the counter a loop's back edge tests: the latch's ``ISETP`` on register r,
+    and the ``IADD3 r, r, imm`` / ``VIADD r, r, imm`` in the body (|imm|; None if not found).
+    A source loop ``k += 32`` unrolled u times steps by 32u."""
+    import re as _re
+
+    for lb in loop.latches:
+        b = blocks[lb]
+        br = instrs[b.end - 1]
+        if br.op != "BRA" or not br.pred:
+            continue
+        pred = br.pred.lstrip("!")
+        reg = None
+        body = sorted(i for bi in loop.body for i in range(blocks[bi].start, blocks[bi].end)
+                      if i < b.end - 1)
+        for i in reversed(body):  # the last compare that sets the branch's predicate
+            x = instrs[i]
+            if x.op in ("ISETP", "UISETP") and x.operands and x.operands[0] == pred:
+                reg = x.operands[2].replace(".reuse", "")
+                break
+        if reg is None:
+            continue
+        for bi in loop.body:
+            for i in range(blocks[bi].start, blocks[bi].end):
+                x = instrs[i]
+                ops = [o.replace(".reuse", "") for o in x.operands]
+                if not ops or ops[0] != reg or x.op not in ("IADD3", "VIADD", "UIADD3"):
+                    continue
+                imms = [o for o in ops[1:] if _re.fullmatch(r"-?0x[0-9a-fA-F]+", o)]
+                if reg in ops[1:] and len(imms) == 1:
+                    v = int(imms[0], 16)
+                    return abs(v - (1 << 32) if v & 0x80000000 else v)
+    return None
+
+
 def _ldg_ef(info: LoopInfo) -> bool:
     """The loop holds evict-first (weight-stream) loads, itself or in a nested loop."""
     return any(k.startswith("LDG.E.EF") for k in info.ops)
 
 
+# ------------------------------------------------------------------ the fused LoRA term
+def lora_tiles(rank: int, M: int) -> int:
+    """launch.h lora_tiles: ceil(rank / kLoraJ) x ceil(M / 16) tiles of t."""
+    return math.ceil(rank / K_LORA_J) * math.ceil(M / K_LORA_TILE_M) if rank else 0
+
+
+def lora_k_slices(K: int) -> int:
+    """launch.h lora_k_slices: producer blocks per tile, each a K slice."""
+    return min(K_LORA_MAX_SLICES, max(1, math.ceil(K / K_LORA_K_CHUNK)))
+
+
+def lora_chunk(K: int) -> int:
+    """lora.cuh lora_produce: the K slice of one producer block (a multiple of 32)."""
+    return math.ceil(math.ceil(K / lora_k_slices(K)) / 32) * 32
+
+
+def lora_producers(rank: int, M: int, K: int) -> int:
+    """Producer blocks of a fused launch: tiles x K slices (0 without LoRA)."""
+    return lora_tiles(rank, M) * lora_k_slices(K)
+
+
+def lora_values(ctx: Ctx) -> Dict[str, object]:
+    """The LoraFused parameter words of a launch (producers = 0: no LoRA term)."""
+    on = ctx.lora_rank > 0
+    return {"lora.a": DUMMY_PTR if on else 0, "lora.a_dtype": DTYPE_CODE[ctx.x_dtype],
+            "lora.b": DUMMY_PTR if on else 0, "lora.b_dtype": DTYPE_CODE[ctx.x_dtype],
+            "lora.rank": ctx.lora_rank, "lora.scale": 1.0, "lora.t": DUMMY_PTR if on else 0,
+            "lora.ready": DUMMY_PTR if on else 0, "lora.tiles": lora_tiles(ctx.lora_rank, ctx.M),
+            "lora.kslices": lora_k_slices(ctx.K),
+            "lora.producers": lora_producers(ctx.lora_rank, ctx.M, ctx.K)}
+
+
+def lora_roles(ctx: Ctx, base_blocks: int, warps_per_block: int) -> List[Role]:
+    """Producer blocks [0, P) and the weight blocks after them. Without LoRA (P = 0) one
+    role, so that ``blockIdx.x < producers`` is still decided (consumer: blockIdx.x = P)."""
+    P = lora_producers(ctx.lora_rank, ctx.M, ctx.K)
+    cons = Role("consumer", base_blocks, float(base_blocks * warps_per_block), P)
+    return ([Role("producer", P, float(P * warps_per_block), 0)] if P else []) + [cons]
+
+
+def _unrolled(n: int, i: LoopInfo, blocks: List[Block], instrs: Sequence[Instr], step1: int) -> float:
+    """Trips of a copy of an n-iteration source loop (step ``step1``) unrolled u times, u
+    from its counter's step: n // u, the remainder running in straight-line code or a
+    narrower copy (nvcc emits the remainder first or last; either way n // u here)."""
+    u = max(1, (induction_stride(i.loop, blocks, instrs) or step1) // step1)
+    return float(n // u) if u > 1 else float(n)
+
+
+def _producer_k_loop(i: LoopInfo) -> bool:
+    return (_has(i.own_ops, "LDG") and _has(i.own_ops, "FFMA") and not _has(i.ops, "LDS")
+            and not _ldg_ef(i) and not i.loop.children)
+
+
+def lora_load_levels(instrs: Sequence[Instr]) -> Dict[int, str]:
+    """Where the fused LoRA's loads hit: a (lora_produce's k-loop) and b (lora_dot's loop,
+    the one with .STRONG.GPU loads of t, or the tensor-core epilogue's HMMA loop) stream
+    from DRAM once per launch, t comes from L2 (just written by the producers). Loads of
+    x (read-only, .CONSTANT) are left to the caller."""
+    from .sass import build_cfg, find_loops
+
+    blocks = build_cfg(instrs)
+    loops = find_loops(blocks)
+    infos = loop_infos(loops, blocks, instrs)
+    out: Dict[int, str] = {}
+    for i in infos:
+        lora_loop = _producer_k_loop(i) or (not _ldg_ef(i) and (
+            any("STRONG" in k for k in i.own_full) or _has(i.own_ops, "HMMA")))
+        if not lora_loop:
+            continue
+        for bi in i.loop.body:
+            for x in instrs[blocks[bi].start:blocks[bi].end]:
+                if x.op == "LDG" and "CONSTANT" not in x.mods:
+                    out[x.addr] = "l2" if "STRONG" in x.mods else "dram"
+    return out
+
+
+def lora_loop_trips(i: LoopInfo, infos: List[LoopInfo], blocks: List[Block],
+                    instrs: Sequence[Instr], ctx: Ctx, warps: int) -> Optional[float]:
+    """Trips of the fused LoRA's loops (lora.cuh), or None for another loop:
+    - lora_produce's k-loop ``for (k = k_begin + lane; k < k_end; k += 4 * 32)`` over its
+      K slice (loads and FMAs, no shared memory, no weight stream; one copy per a dtype):
+      chunk / 128 over its unroll factor (the counter's step / 128);
+    - its column loop ``for (jj = warp; jj < kLoraJ; jj += warps)`` (holds the k-loop):
+      ceil(kLoraJ / warps);
+    - the last slice's sum ``for (s = 0; s < kslices; ++s)`` (L2 loads of the planes and
+      FADDs, no FMA): kslices, and its ``for (idx = tid; idx < Mt * kLoraJ; ...)``: 64 values
+      over the block's threads;
+    - lora_wait's spin loop (NANOSLEEP): no extra round (the wait is the producer role's
+      path, taken as the longest of the roles);
+    - lora_dot's ``for (j = lane; j < rank; j += 32)`` (L2 loads of t, .STRONG.GPU)."""
+    if _has(i.ops, "NANOSLEEP"):
+        return 0.0
+    strong = sum(v for k, v in i.own_full.items() if k.startswith("LDG") and "STRONG" in k)
+    if strong and not i.loop.children:
+        if _lora_slice_sum(i):
+            return _unrolled(lora_k_slices(ctx.K), i, blocks, instrs, 1)
+        return _unrolled(math.ceil(ctx.lora_rank / 32), i, blocks, instrs, 32)
+    if _producer_k_loop(i):
+        step = 32 * K_LORA_UNROLL
+        return _unrolled(math.ceil(lora_chunk(ctx.K) / step), i, blocks, instrs, step)
+    if i.loop.children and any(_producer_k_loop(infos[c]) for c in i.loop.children):
+        return float(math.ceil(K_LORA_J / warps))
+    if i.loop.children and any(_lora_slice_sum(infos[c]) for c in i.loop.children):
+        return float(math.ceil(K_LORA_TILE_M * K_LORA_J / (32 * warps)))
+    return None
+
+
+def _lora_slice_sum(i: LoopInfo) -> bool:
+    """The last slice's ordered sum over the planes: L2 (.STRONG.GPU) loads and FADDs, no
+    FMA (lora_dot's loop, the other loop with such loads, multiplies by b)."""
+    strong = any(k.startswith("LDG") and "STRONG" in k for k in i.own_full)
+    return strong and not _has(i.own_ops, "FFMA") and not i.loop.children
+
+
 # ------------------------------------------------------------------ qmatmul_fast_kernel
 FAST_PARAMS = (("x", PTR, 8), ("M", INT, 4), ("K", INT, 4), ("N", INT, 4), ("qcodes", PTR, 8),
                ("sa", SCALE_ARGS), ("offset", PTR, 8), ("levels", PTR, 8), ("log2_b0", INT, 4),
-               ("nblocks", INT, 4), ("lora", LORA_ARGS), ("out", PTR, 8))
+               ("nblocks", INT, 4), ("lora", LORA_FUSED), ("out", PTR, 8))
 
 
 def fast_geometry(K: int) -> Tuple[int, List[int]]:
@@ -256,48 +434,47 @@ def fast_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
     bits, MT, R = ctx.t[0], ctx.t[2], ctx.t[3]
     N, K, M = ctx.N, ctx.K, ctx.M
     WK, steps = fast_geometry(K)
-    grid = math.ceil(N / R)
-    has_lora = ctx.lora_rank > 0
+    base = math.ceil(N / R)
+    P = lora_producers(ctx.lora_rank, M, K)
+    grid = P + base
     vals = {"x": DUMMY_PTR, "M": M, "K": K, "N": N, "qcodes": DUMMY_PTR, "offset": DUMMY_PTR,
             "levels": DUMMY_PTR, "log2_b0": int(math.log2(ctx.block_size)),
-            "nblocks": ctx.nblocks, "lora.t": DUMMY_PTR if has_lora else 0,
-            "lora.b": DUMMY_PTR if has_lora else 0, "lora.b_dtype": DTYPE_CODE[ctx.x_dtype],
-            "lora.rank": ctx.lora_rank, "lora.scale": 1.0, "out": DUMMY_PTR, **_scale_params(ctx)}
+            "nblocks": ctx.nblocks, "out": DUMMY_PTR, **lora_values(ctx), **_scale_params(ctx)}
     params = param_words(spec.params, vals, {"ntid.x": 32, "ntid.y": WK, "ntid.z": 1,
                                              "nctaid.x": grid, "nctaid.y": 1, "nctaid.z": 1})
     xb = 2 if ctx.x_dtype != "float32" else 4
     det = {"weights (codes + scales)": ctx.packed_bytes(), "x": M * K * xb, "out": M * N * xb}
-    if has_lora:
-        det["lora b + t"] = N * ctx.lora_rank * xb + M * ctx.lora_rank * 4
-    outputs = R * MT  # epilogue: threads tid < R*MT, one output each (only warp 0 when <= 32)
-    epi_warps = math.ceil(min(outputs, 32 * WK) / 32)
+    if P:
+        det["lora a + b + t"] = (ctx.lora_rank * K + N * ctx.lora_rank) * xb + M * ctx.lora_rank * 4
+    outputs = R * MT  # epilogue: warp y takes outputs y, y + WK, ... (one warp per output)
     refill = min(1.0, 32 / ctx.block_size) if ctx.block_size >= 32 else 1.0
+    # outputs of the epilogue loop a warp skips (`if (n >= N || m >= M) continue`)
+    skip = sum(1 for idx in range(outputs) if idx % MT >= M) / outputs
 
     def trips(loops, blocks, instrs, reached):
         infos = loop_infos(loops, blocks, instrs)
         hot = next((i.index for i in infos if _ldg_ef(i) and i.loop.depth == 0
                     and reached[i.index]), None)
         avg, mx = [1.0] * len(loops), [1.0] * len(loops)
+        for i in infos:
+            t = lora_loop_trips(i, infos, blocks, instrs, ctx, WK)
+            if t is not None:
+                avg[i.index] = mx[i.index] = t
         if hot is None:
             return avg, mx, None
         avg[hot], mx[hot] = sum(steps) / WK, float(max(steps))
         hot_addr = infos[hot].addr
+        lds_copies = [_has(o.own_ops, "LDS") for o in infos if o.addr > hot_addr
+                      and _has(o.own_ops, "LDS") and not _has(o.own_ops, "LDG")]
         for i in infos:
-            if i.index == hot or i.addr < hot_addr:
-                continue  # the LUT fill loops before the hot loop: at most one trip
-            if i.loop.depth == 0:  # epilogue: for (idx = tid; idx < R*MT; idx += 32*WK)
-                avg[i.index], mx[i.index] = epi_warps / WK, 1.0
-            elif _has(i.own_ops, "LDS"):  # for (k < WK) v += red[k][r][m]: 1 LDS per k
-                copies = [_has(o.own_ops, "LDS") for o in infos
-                          if o.loop.parent == i.loop.parent and _has(o.own_ops, "LDS")]
-                avg[i.index] = mx[i.index] = unrolled_trips(WK, _has(i.own_ops, "LDS"), copies)
-            elif _has(i.own_ops, "LDG"):  # lora_term: for (j < rank): loads t[m, j], b[n, j]
-                # one copy per b dtype (only the reached one runs), each unrolled
-                copies = [max(1, _has(o.own_ops, "LDG") // 2) for o in infos
-                          if o.loop.parent == i.loop.parent and _has(o.own_ops, "LDG")
-                          and reached[o.index]]
-                u = max(1, _has(i.own_ops, "LDG") // 2)
-                avg[i.index] = mx[i.index] = unrolled_trips(ctx.lora_rank, u, copies)
+            if i.index == hot or i.addr < hot_addr or lora_loop_trips(
+                    i, infos, blocks, instrs, ctx, WK) is not None:
+                continue  # the LUT fill before the hot loop: at most one trip
+            if i.loop.depth == 0:  # for (idx = wk; idx < R*MT; idx += WK): per warp
+                avg[i.index], mx[i.index] = outputs / WK, float(math.ceil(outputs / WK))
+            elif _has(i.own_ops, "LDS") and not _has(i.own_ops, "LDG"):
+                # for (k < WK) v += red[k][r][m]: copies unrolled by their LDS count
+                avg[i.index] = mx[i.index] = unrolled_trips(WK, _has(i.own_ops, "LDS"), lds_copies)
         return avg, mx, hot
 
     def hint(info) -> Optional[float]:
@@ -306,18 +483,109 @@ def fast_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
         # shuffle. It runs every B0/32 steps.
         if info.skipped.get("MUFU") and not info.skipped.get("SHFL"):
             return 1.0 - refill
+        # the epilogue's `continue` past an output this launch does not have (m >= M):
+        # skips the cross-warp sum (LDS) and the store
+        if info.skipped.get("LDS") and info.skipped.get("STG") and not info.skipped.get("LDG.EF"):
+            return skip
         return None
 
     x_level = activation_level(M * K * xb)
 
     def levels(instrs):
         # load8(x + ...): 16-byte read-only loads; scale codes / scale2: L2 (their lines
-        # are shared by neighbouring steps); weight codes: .EF, DRAM
-        return {i.addr: x_level for i in instrs
-                if i.op == "LDG" and "CONSTANT" in i.mods and "128" in i.mods}
+        # are shared by neighbouring steps); weight codes: .EF, DRAM; the LoRA term's a and
+        # b (read once per launch): DRAM; t (.STRONG.GPU, just written): L2
+        return {**lora_load_levels(instrs), **{
+            i.addr: x_level for i in instrs
+            if i.op == "LDG" and "CONSTANT" in i.mods and ("128" in i.mods or "U16" in i.mods)}}
 
-    return Launch(grid, 32 * WK, params, grid * WK, N * K, sum(det.values()), det, trips,
-                  hint=hint, lut_levels=1 << bits, load_levels=levels)
+    wpb = WK
+    return Launch(grid, 32 * WK, params, float(grid * WK), N * K, sum(det.values()), det, trips,
+                  hint=hint, lut_levels=1 << bits, load_levels=levels,
+                  roles=lora_roles(ctx, base, wpb))
+
+
+# ------------------------------------------------------------------ qmatmul_mma_kernel
+MMA_PARAMS = (("x", PTR, 8), ("M", INT, 4), ("K", INT, 4), ("N", INT, 4), ("qcodes", PTR, 8),
+              ("sa", SCALE_ARGS), ("offset", PTR, 8), ("levels", PTR, 8), ("log2_b0", INT, 4),
+              ("lora", LORA_FUSED), ("out", PTR, 8))
+K_MMA_WARPS = 4  # qmatmul_mma.cuh kMmaWarps
+
+
+def mma_nt(mt16: int) -> int:
+    """n-tiles of 8 rows per warp (MmaTraits<MT16>::NT)."""
+    return 4 if mt16 <= 2 else (2 if mt16 == 4 else 1)
+
+
+def mma_geometry(K: int) -> Tuple[int, List[int]]:
+    """(WK, chunks of each warp y) of qmatmul_mma_kernel for K (K % 32 == 0)."""
+    chunks = math.ceil(K // 32 / 4)
+    WK = K_MMA_WARPS if chunks >= 4 * K_MMA_WARPS else (2 if chunks >= 8 else 1)
+    pw = math.ceil(chunks / WK)
+    return WK, [max(0, min(chunks, (y + 1) * pw) - y * pw) for y in range(WK)]
+
+
+def mma_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
+    mt16 = ctx.t[2]
+    NT = mma_nt(mt16)
+    N, K, M = ctx.N, ctx.K, ctx.M
+    WK, chunks = mma_geometry(K)
+    base = math.ceil(N / (8 * NT))
+    P = lora_producers(ctx.lora_rank, M, K)
+    grid = P + base
+    vals = {"x": DUMMY_PTR, "M": M, "K": K, "N": N, "qcodes": DUMMY_PTR, "offset": DUMMY_PTR,
+            "levels": DUMMY_PTR, "log2_b0": int(math.log2(ctx.block_size)), "out": DUMMY_PTR,
+            **lora_values(ctx), **_scale_params(ctx)}
+    params = param_words(spec.params, vals, {"ntid.x": 32, "ntid.y": WK, "ntid.z": 1,
+                                             "nctaid.x": grid, "nctaid.y": 1, "nctaid.z": 1})
+    xb = 2
+    det = {"weights (codes + scales)": ctx.packed_bytes(), "x": M * K * xb, "out": M * N * xb}
+    if P:
+        det["lora a + b + t"] = (ctx.lora_rank * K + N * ctx.lora_rank) * xb + M * ctx.lora_rank * 4
+
+    def trips(loops, blocks, instrs, reached):
+        # the chunk loop (weight streams) is hot; after it, the cross-warp sum
+        # `for (k = 1; k < WK; ++k)` (LDS; unrolled copies, warp 0 only), the LoRA
+        # up-projection `for (s0 = 0; s0 < rank; s0 += 16)` (HMMA, loads of t and b), and
+        # the fused LoRA's producer and wait loops (lora_loop_trips)
+        infos = loop_infos(loops, blocks, instrs)
+        hot = next((i.index for i in infos if _ldg_ef(i) and i.loop.depth == 0
+                    and reached[i.index]), None)
+        avg, mx = [1.0] * len(loops), [1.0] * len(loops)
+        for i in infos:
+            if _has(i.own_ops, "HMMA") and not _ldg_ef(i):
+                avg[i.index] = mx[i.index] = _unrolled(math.ceil(ctx.lora_rank / 16), i, blocks,
+                                                       instrs, 16)
+                continue
+            t = lora_loop_trips(i, infos, blocks, instrs, ctx, WK)
+            if t is not None:
+                avg[i.index] = mx[i.index] = t
+        if hot is None:
+            return avg, mx, None
+        avg[hot], mx[hot] = sum(chunks) / WK, float(max(chunks))
+        hot_addr = infos[hot].addr
+        lds_loops = [i for i in infos if i.addr > hot_addr and _has(i.own_ops, "LDS")
+                     and not _has(i.own_ops, "LDG")]
+        base_lds = min((_has(i.own_ops, "LDS") for i in lds_loops), default=1)
+        copies = [_has(i.own_ops, "LDS") // base_lds for i in lds_loops]
+        for i in lds_loops:
+            u = _has(i.own_ops, "LDS") // base_lds
+            # warp 0 only (the others return after storing their sums)
+            avg[i.index] = unrolled_trips(WK - 1, u, copies) / WK
+            mx[i.index] = unrolled_trips(WK - 1, u, copies)
+        return avg, mx, hot
+
+    x_level = activation_level(M * K * xb)
+
+    def levels(instrs):
+        # x rows: 16-byte read-only loads shared by every block (L1/L2); scale codes and
+        # scale2: L2; weight codes: .EF, DRAM; the LoRA term's loads: lora_load_levels
+        return {**lora_load_levels(instrs), **{
+            i.addr: x_level for i in instrs
+            if i.op == "LDG" and "CONSTANT" in i.mods and ("128" in i.mods or "U16" in i.mods)}}
+
+    return Launch(grid, 32 * WK, params, float(grid * WK), N * K, sum(det.values()), det, trips,
+                  lut_levels=1 << ctx.bits, load_levels=levels, roles=lora_roles(ctx, base, WK))
 
 
 # ------------------------------------------------------------------ lora_down_kernel
@@ -325,14 +593,19 @@ LORA_DOWN_PARAMS = (("x", PTR, 8), ("M", INT, 4), ("K", INT, 4), ("a", PTR, 8),
                     ("a_dtype", INT, 4), ("rank", INT, 4), ("t", PTR, 8))
 
 
+K_LORA_ROWS = 16  # lora_down_kernel: rows of x per block (kSmallM)
+
+
 def lora_down_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
     K, M, r = ctx.K, ctx.M, ctx.lora_rank
     n = math.ceil(K / 256)  # k-loop iterations of a thread
+    ys = math.ceil(M / K_LORA_ROWS)
+    rows = [min(K_LORA_ROWS, M - K_LORA_ROWS * y) for y in range(ys)]  # Mt of block row y
     params = param_words(spec.params, {"x": DUMMY_PTR, "M": M, "K": K, "a": DUMMY_PTR,
                                        "a_dtype": DTYPE_CODE[ctx.x_dtype], "rank": r,
                                        "t": DUMMY_PTR},
                          {"ntid.x": 256, "ntid.y": 1, "ntid.z": 1, "nctaid.x": r,
-                          "nctaid.y": 1, "nctaid.z": 1})
+                          "nctaid.y": ys, "nctaid.z": 1})
     xb = 2 if ctx.x_dtype != "float32" else 4
     det = {"a": r * K * xb, "x": M * K * xb, "t": M * r * 4}
 
@@ -354,6 +627,10 @@ def lora_down_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
         hot = k_loops[0].index if k_loops else None
         return avg, list(avg), hot
 
+    def chain(k: int, nb: int) -> Optional[float]:
+        # `if (m >= Mt) break` for m = 1..15: taken in the block rows with <= k rows
+        return sum(1 for x in rows if x <= k) / len(rows)
+
     x_level = activation_level(M * K * xb)
 
     def levels(instrs):
@@ -371,73 +648,116 @@ def lora_down_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
                 first = False
         return out
 
-    return Launch(r, 256, params, r * 8, ctx.N * ctx.K, sum(det.values()), det, trips,
-                  load_levels=levels)
+    grid = r * ys
+    return Launch(grid, 256, params, grid * 8, ctx.N * ctx.K, sum(det.values()), det, trips,
+                  break_chain=chain, load_levels=levels)
 
 
 # ------------------------------------------------------------------ qmatmul_t_kernel
 T_PARAMS = (("g", PTR, 8), ("M", INT, 4), ("N", INT, 4), ("K", INT, 4), ("qcodes", PTR, 8),
-            ("bits", INT, 4), ("scales", PTR, 8), ("levels", PTR, 8), ("log2_b0", INT, 4),
+            ("scales", PTR, 8), ("levels", PTR, 8), ("log2_b0", INT, 4),
             ("rows_per_split", INT, 4), ("partial", PTR, 8))
-K_T_THREADS, K_T_MTILE = 256, 4
+K_T_THREADS, K_T_UNROLL = 128, 4  # qmatmul_t.cu kTThreads, kTUnroll
+
+
+def t_unroll(MT: int) -> int:
+    """qmatmul_t_kernel's rows in flight U: kTUnroll, 2 for MT = 16 (registers)."""
+    return 2 if MT > 4 else K_T_UNROLL
+
+
+def t_column_blocks(K: int) -> int:
+    return math.ceil(K / (8 * K_T_THREADS))
 
 
 def t_splits(N: int, K: int, sms: int = 132) -> int:
-    """qmatmul_t_splits (qmatmul_t.cu): two blocks per SM, at most 32 splits, >= 16 rows."""
-    col_blocks = math.ceil(K / (8 * K_T_THREADS))
-    want = math.ceil(2 * sms / col_blocks)
-    return int(min(max(want, 1), min(32, max(1, N // 16))))
+    """qmatmul_t_splits (qmatmul_t.cu): four blocks per SM, at most 64 splits, >= 32 rows."""
+    want = math.ceil(4 * sms / t_column_blocks(K))
+    return int(min(max(want, 1), min(64, max(1, N // 32))))
+
+
+def t_tile(M: int) -> int:
+    """The MT template argument launch_qmatmul_t_small picks for M."""
+    return 1 if M == 1 else (4 if M <= 4 else 16)
 
 
 def t_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
     N, K, M = ctx.N, ctx.K, ctx.M
     splits = ctx.splits
     rps = math.ceil(N / splits)
-    cols = math.ceil(K / (8 * K_T_THREADS))
+    cols = t_column_blocks(K)
     grid = cols * splits
     params = param_words(spec.params, {"g": DUMMY_PTR, "M": M, "N": N, "K": K,
-                                       "qcodes": DUMMY_PTR, "bits": ctx.bits,
-                                       "scales": DUMMY_PTR, "levels": DUMMY_PTR,
+                                       "qcodes": DUMMY_PTR, "scales": DUMMY_PTR,
+                                       "levels": DUMMY_PTR,
                                        "log2_b0": int(math.log2(ctx.block_size)),
                                        "rows_per_split": rps, "partial": DUMMY_PTR},
-                         {"ntid.x": 256, "ntid.y": 1, "ntid.z": 1, "nctaid.x": cols,
+                         {"ntid.x": K_T_THREADS, "ntid.y": 1, "ntid.z": 1, "nctaid.x": cols,
                           "nctaid.y": splits, "nctaid.z": 1})
-    passes = math.ceil(M / K_T_MTILE)
-    rows_in_pass = [min(K_T_MTILE, M - K_T_MTILE * p) for p in range(passes)]
+    # rows of each split: the last one may be short (or empty)
+    split_rows = [max(0, min(N, (s + 1) * rps) - s * rps) for s in range(splits)]
+    iters = [math.ceil(r / t_unroll(ctx.t[2])) for r in split_rows]
     xb = 2 if ctx.x_dtype != "float32" else 4
     det = {"codes": N * K * ctx.bits / 8, "scales fp32": ctx.nblocks * 4.0,
            "g": M * N * xb, "partial": splits * M * K * 4.0}
-    live_warps = splits * math.ceil(K / 256)  # a warp owns 256 columns; warps past K exit
+    warps_per_split = math.ceil(K / 256)  # a warp owns 256 columns; warps past K exit
 
     def trips(loops, blocks, instrs, reached):
-        # for (m0 < M; m0 += 4) { for (n in split) {...} }: the n-loop (LUT loads, no
-        # nested loop) is hot; two copies (K % 8 == 0 or not), one reached.
+        # for (nb in split; nb += 4) {...}: the loop with the weight/LUT loads is hot (two
+        # copies, K % 8 == 0 or not, one reached); nothing else loops at run time
         infos = loop_infos(loops, blocks, instrs)
         avg = [1.0] * len(loops)
+        mx = [1.0] * len(loops)
         hot = None
         for i in infos:
-            if i.loop.children:
-                avg[i.index] = float(passes)
-            elif _has(i.own_ops, "LDS") and i.loop.depth > 0:
-                avg[i.index] = float(rps)
-                if reached[i.index]:
+            if _has(i.ops, "LDS") and _has(i.ops, "LDG"):
+                avg[i.index] = sum(iters) / max(1, len(iters))
+                mx[i.index] = float(max(iters))
+                if reached[i.index] and hot is None:
                     hot = i.index
-        return avg, list(avg), hot
-
-    def chain(k: int, n: int) -> Optional[float]:
-        # `if (m0 + mm >= M) break` for mm = 1..3: taken in the passes with <= k rows
-        return sum(1 for r in rows_in_pass if r <= k) / passes
+        return avg, mx, hot
 
     g_level = activation_level(M * N * xb)
 
     def levels(instrs):
-        # codes and the fp32 scales (32-bit read-only loads, each read by one block): DRAM;
-        # g[m, n] (16-bit; one address for the whole warp, read by every column block): L1/L2
+        # codes and the fp32 scales (each read by one block): DRAM; g[m, n] (16-bit; one
+        # address for the whole warp, read by every column block): L1/L2
         return {i.addr: (g_level if ("U16" in i.mods) else "dram") for i in instrs if i.op == "LDG"}
 
-    return Launch(grid, 256, params, float(live_warps),
-                  N * K, sum(det.values()), det, trips, break_chain=chain,
+    return Launch(grid, K_T_THREADS, params, float(splits * warps_per_split),
+                  N * K, sum(det.values()), det, trips,
                   lut_levels=1 << ctx.bits, load_levels=levels)
+
+
+# ------------------------------------------------------------------ qmatmul_t_reduce_kernel
+T_REDUCE_PARAMS = (("partial", PTR, 8), ("splits", INT, 4), ("mk", I64, 8), ("out", PTR, 8))
+
+
+def t_reduce_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
+    mk = ctx.M * ctx.K
+    grid = math.ceil(mk / 256)
+    splits = ctx.splits
+    params = param_words(spec.params, {"partial": DUMMY_PTR, "splits": splits, "mk": mk,
+                                       "out": DUMMY_PTR},
+                         {"ntid.x": 256, "ntid.y": 1, "ntid.z": 1, "nctaid.x": grid,
+                          "nctaid.y": 1, "nctaid.z": 1})
+    ob = 2 if ctx.x_dtype != "float32" else 4
+    det = {"partial fp32": splits * mk * 4.0, "out": mk * ob}
+
+    def trips(loops, blocks, instrs, reached):
+        # for (s = 1; s < splits; ++s): copies unrolled by the loads in their bodies
+        infos = loop_infos(loops, blocks, instrs)
+        avg = [1.0] * len(loops)
+        copies = [_has(i.own_ops, "LDG") for i in infos if _has(i.own_ops, "LDG")]
+        for i in infos:
+            if _has(i.own_ops, "LDG"):
+                avg[i.index] = unrolled_trips(splits - 1, _has(i.own_ops, "LDG"), copies)
+        return avg, list(avg), None
+
+    def levels(instrs):
+        return {i.addr: "l2" for i in instrs if i.op == "LDG"}  # just written by qmatmul_t
+
+    return Launch(grid, 256, params, math.ceil(mk / 32), mk, sum(det.values()), det, trips,
+                  load_levels=levels)
 
 
 # ------------------------------------------------------------------ dequantize_kernel
@@ -501,8 +821,12 @@ KERNELS: Dict[str, KernelSpec] = {
                                       FAST_PARAMS, fast_launch, ldg_level="l2"),
     "lora_down_kernel": KernelSpec("lora_down_kernel", ("XT",), LORA_DOWN_PARAMS,
                                    lora_down_launch, ldg_level="dram"),
-    "qmatmul_t_kernel": KernelSpec("qmatmul_t_kernel", ("GT",), T_PARAMS, t_launch,
+    "qmatmul_mma_kernel": KernelSpec("qmatmul_mma_kernel", ("Bits", "XT", "MT16"), MMA_PARAMS,
+                                     mma_launch, ldg_level="l2"),
+    "qmatmul_t_kernel": KernelSpec("qmatmul_t_kernel", ("Bits", "GT", "MT"), T_PARAMS, t_launch,
                                    ldg_level="dram"),
+    "qmatmul_t_reduce_kernel": KernelSpec("qmatmul_t_reduce_kernel", ("GT",), T_REDUCE_PARAMS,
+                                          t_reduce_launch, ldg_level="l2"),
     "dequantize_kernel": KernelSpec("dequantize_kernel", ("Bits", "OutT"), DQ_PARAMS,
                                     dq_launch, ldg_level="dram"),
     "unpack_scales_kernel": KernelSpec("unpack_scales_kernel", (), UNPACK_PARAMS,

@@ -1,16 +1,22 @@
-"""What one call of the op launches, per M (csrc/cuda/ops_cuda.cpp), and its predicted time
-against bf16 cuBLAS.
+"""What one call of the op launches, per M (csrc/cuda/ops_cuda.cpp, qmatmul_dispatch.cuh,
+qmatmul_t.cu), and its predicted time against bf16 cuBLAS.
 
-qmatmul (qmatmul_cuda):
-- M <= kSmallM (16): lora_down_kernel when LoRA is present, then qmatmul_fast_kernel with
-  (MT, R) = (1, 4) for M = 1, (4, 4) for M <= 4, (16, 2) otherwise (qmatmul_small);
-- M > 16: per chunk of max(1, 2^26 / K) rows: dequantize_kernel to x's dtype, then at::mm
-  (cuBLAS); one chunk writes ``out`` directly (mm_out), several go through a temporary
-  and a strided ``copy_`` into ``out``; LoRA adds mm(x, a^T) and addmm_(out, t, b^T).
-qmatmul_t (qmatmul_t_cuda), M <= 16: unpack_scales_kernel, qmatmul_t_kernel over
-``splits`` row splits, partial.sum(0) when splits > 1, then .to(dtype).
+qmatmul (qmatmul_cuda), M <= qmatmul_fused_max_m (64 for 16-bit x with K % 32 == 0, else
+16): with LoRA, a memset of the producer counter, then one launch whose first
+ceil(rank/4) x ceil(M/16) blocks compute x @ a^T (lora.cuh) and whose other blocks run
+- 16-bit x, K % 32 == 0, 4 < M <= 64: qmatmul_mma_kernel<Bits, XT, MT16>, MT16 = 1, 2, 4
+  for M <= 16, 32, 64 (tensor cores);
+- otherwise (M <= 4, or fp32 x up to 16): qmatmul_fast_kernel with (MT, R) = (1, 4) for
+  M = 1, (4, 4) for M <= 4, (16, 2) otherwise;
+beyond: per chunk of max(1, 2^26 / K) rows, dequantize_kernel to x's dtype, then at::mm
+(cuBLAS), each chunk's product written by mm_out straight into its columns of ``out``;
+LoRA adds mm(x, a^T) and addmm_(out, t, b^T).
+qmatmul_t (qmatmul_t_cuda), M <= 16: unpack_scales_kernel, qmatmul_t_kernel<Bits, GT, MT>
+(MT = 1, 4, 16) over ``splits`` row splits into fp32 partials, qmatmul_t_reduce_kernel (the
+fixed-order sum over splits and the cast); M > 16: dequantize + at::mm, in chunks of rows
+with an fp32 accumulator when one chunk does not hold the whole weight.
 
-Torch's own kernels (cuBLAS GEMMs, copy_, sum, to) have no SASS here: GEMMs are timed at
+Torch's own kernels (cuBLAS GEMMs, copy_, add_, to) have no SASS here: GEMMs are timed at
 their roofline (hw.gemm_time), elementwise kernels at their bytes (hw.elementwise_time).
 """
 from __future__ import annotations
@@ -20,11 +26,14 @@ from typing import Dict, List, Optional
 
 from . import model
 from .hw import Device, KernelTime, elementwise_time, gemm_time
-from .kernels import CXX_TYPE, Ctx, t_splits
+from .kernels import CXX_TYPE, Ctx, t_splits, t_tile
 from .module import Kernel
 
 K_SMALL_M = 16          # launch.h kSmallM
+K_MMA_MIN_M = 4         # launch.h kMmaMinM: the tensor-core kernel takes M > 4
+K_MMA_MAX_M = 64        # launch.h kMmaMaxM
 K_CHUNK_ELEMS = 1 << 26  # ops_cuda.cpp kChunkElems
+FUSED_KERNELS = ("fast", "mma")
 
 
 class PathError(RuntimeError):
@@ -94,29 +103,75 @@ def _kernel(ix, family: str, targs) -> Kernel:
 
 
 def decode_tile(M: int) -> tuple:
-    """(MT, R) that qmatmul_small picks for M."""
+    """(MT, R) of qmatmul_fast_kernel that qmatmul_small picks for M."""
     return (1, 4) if M == 1 else ((4, 4) if M <= 4 else (K_SMALL_M, 2))
 
 
+def mma_tile(M: int) -> int:
+    """MT16 of qmatmul_mma_kernel for M (LQ_MMA_MT16_SWITCH)."""
+    return 1 if M <= 16 else (2 if M <= 32 else (4 if M <= 64 else 8))
+
+
+def fused_max_m(x_dtype: str, K: int) -> int:
+    """launch.h qmatmul_fused_max_m: the largest M the fused kernels take."""
+    return K_MMA_MAX_M if x_dtype != "float32" and K % 32 == 0 else K_SMALL_M
+
+
+def fused_kernel(x_dtype: str, M: int, K: int) -> Optional[str]:
+    """Which fused kernel qmatmul_small launches for M ("mma", "fast"; None: the generic
+    kernel for K % 32 != 0 or the dequantize + cuBLAS path beyond fused_max_m)."""
+    if M > fused_max_m(x_dtype, K):
+        return None
+    if x_dtype != "float32" and K % 32 == 0 and M > K_MMA_MIN_M:
+        return "mma"
+    return "fast" if K % 32 == 0 else None
+
+
+def fused_step(ix, dev: Device, base: Ctx, kind: str, graph: bool) -> Step:
+    """One launch of the decode (``fast``) or tensor-core (``mma``) kernel for base.M."""
+    xt = CXX_TYPE[base.x_dtype]
+    bits, M = base.bits, base.M
+    if kind == "mma":
+        if base.x_dtype == "float32":
+            raise PathError("qmatmul_mma_kernel takes 16-bit activations only")
+        if M > K_MMA_MAX_M:
+            raise PathError(f"qmatmul_mma_kernel takes M <= {K_MMA_MAX_M}, got {M}")
+        mt16 = mma_tile(M)
+        targs: tuple = (bits, xt, mt16)
+        name = f"qmatmul_mma_kernel<{bits}, {xt}, {mt16}>"
+        family = "qmatmul_mma_kernel"
+    elif kind == "fast":
+        if M > K_SMALL_M:
+            raise PathError(f"qmatmul_fast_kernel takes M <= {K_SMALL_M}, got {M}")
+        MT, R = decode_tile(M)
+        targs = (bits, xt, MT, R)
+        name = f"qmatmul_fast_kernel<{bits}, {xt}, {MT}, {R}>"
+        family = "qmatmul_fast_kernel"
+    else:
+        raise PathError(f"unknown fused kernel {kind!r} (one of {', '.join(FUSED_KERNELS)})")
+    k = _kernel(ix, family, targs)
+    r = model.run(k, dataclasses.replace(base, t=targs), dev, graph)
+    return Step(name, r.time, r.launch.dram_bytes, r)
+
+
 def qmatmul_path(ix, dev: Device, shape: str, N: int, K: int, M: int, bits: int,
-                 lora_rank: int = 0, x_dtype: str = "bfloat16", graph: bool = True) -> PathResult:
+                 lora_rank: int = 0, x_dtype: str = "bfloat16", graph: bool = True,
+                 kernel: Optional[str] = None) -> PathResult:
+    """The op's path for M (``kernel`` = "fast" / "mma" forces that fused kernel at any M it
+    can run, e.g. the tensor-core kernel at M <= 4 where dispatch does not send it)."""
     xt = CXX_TYPE[x_dtype]
     base = Ctx(N, K, M, bits, x_dtype=x_dtype, lora_rank=lora_rank)
     steps: List[Step] = []
-    if M <= K_SMALL_M:
+    kind = kernel or fused_kernel(x_dtype, M, K)
+    if kind is None and M <= fused_max_m(x_dtype, K):
+        raise PathError(f"K = {K} is not a multiple of 32: the generic kernel is not modeled")
+    if kind is not None:
         if K % 32 != 0:
-            raise PathError(f"K = {K} is not a multiple of 32: the generic kernel is not modeled")
-        if lora_rank:
-            k = _kernel(ix, "lora_down_kernel", (xt,))
-            r = model.run(k, dataclasses.replace(base, t=(xt,)), dev, graph)
-            steps.append(Step(f"lora_down_kernel<{xt}> ({lora_rank} blocks)", r.time,
-                              r.launch.dram_bytes, r))
-        MT, R = decode_tile(M)
-        k = _kernel(ix, "qmatmul_fast_kernel", (bits, xt, MT, R))
-        r = model.run(k, dataclasses.replace(base, t=(bits, xt, MT, R)), dev, graph)
-        steps.append(Step(f"qmatmul_fast_kernel<{bits}, {xt}, {MT}, {R}>", r.time,
-                          r.launch.dram_bytes, r))
-        path = "decode" + ("+lora" if lora_rank else "")
+            raise PathError(f"K = {K} is not a multiple of 32: the fused kernels need it")
+        if lora_rank:  # the LoRA term rides in the same launch (lora.cuh): a memset node
+            steps.append(Step("cudaMemsetAsync(ready)", elementwise_time(dev, 4.0, graph), 4.0))
+        steps.append(fused_step(ix, dev, base, kind, graph))
+        path = ("tensor-core" if kind == "mma" else "decode") + ("+lora" if lora_rank else "")
     else:
         chunk = max(1, K_CHUNK_ELEMS // K)
         k = _kernel(ix, "dequantize_kernel", (bits, xt))
@@ -125,11 +180,9 @@ def qmatmul_path(ix, dev: Device, shape: str, N: int, K: int, M: int, bits: int,
             r = model.run(k, dataclasses.replace(base, rows=rows, t=(bits, xt)), dev, graph)
             steps.append(Step(f"dequantize_kernel<{bits}, {xt}> ({rows} rows)", r.time,
                               r.launch.dram_bytes, r))
+            # mm_out straight into the chunk's columns of out (ldc = N): no copy
             g = gemm_time(dev, M, rows, K, graph=graph)
             steps.append(Step(f"cuBLAS mm {M}x{rows}x{K}", g, (rows * K + M * K + M * rows) * 2))
-            if rows != N:
-                nb = 2.0 * M * rows * 2
-                steps.append(Step("copy_ into out (strided)", elementwise_time(dev, nb, graph), nb))
         if lora_rank:
             g1 = gemm_time(dev, M, lora_rank, K, graph=graph)
             steps.append(Step(f"cuBLAS mm x@a^T {M}x{lora_rank}x{K}", g1,
@@ -144,25 +197,46 @@ def qmatmul_path(ix, dev: Device, shape: str, N: int, K: int, M: int, bits: int,
 
 def qmatmul_t_path(ix, dev: Device, shape: str, N: int, K: int, M: int, bits: int,
                    x_dtype: str = "bfloat16", graph: bool = True) -> PathResult:
-    """g [M, N] @ W [N, K] -> [M, K], the small-M path (M <= 16)."""
-    if M > K_SMALL_M:
-        raise PathError("qmatmul_t is modeled for M <= 16 (its small-M kernel) only")
+    """g [M, N] @ W [N, K] -> [M, K] (the backward's grad-input product)."""
     xt = CXX_TYPE[x_dtype]
+    steps: List[Step] = []
+    baseline = gemm_time(dev, M, K, N, graph=graph)
+    if M > K_SMALL_M:
+        chunk = max(1, K_CHUNK_ELEMS // K)
+        base = Ctx(N, K, M, bits, x_dtype=x_dtype)
+        k = _kernel(ix, "dequantize_kernel", (bits, xt))
+        if chunk < N:
+            nb = M * K * 4.0
+            steps.append(Step("zeros fp32 accumulator", elementwise_time(dev, nb, graph), nb))
+        for r0 in range(0, N, chunk):
+            rows = min(N, r0 + chunk) - r0
+            r = model.run(k, dataclasses.replace(base, rows=rows, t=(bits, xt)), dev, graph)
+            steps.append(Step(f"dequantize_kernel<{bits}, {xt}> ({rows} rows)", r.time,
+                              r.launch.dram_bytes, r))
+            g = gemm_time(dev, M, K, rows, graph=graph)
+            steps.append(Step(f"cuBLAS mm {M}x{K}x{rows}", g, (rows * K + M * rows + M * K) * 2))
+            if chunk < N:
+                nb = M * K * (2 + 4 + 4.0)
+                steps.append(Step("add_ into fp32", elementwise_time(dev, nb, graph), nb))
+        if chunk < N:
+            nb = M * K * 6.0
+            steps.append(Step(f".to({x_dtype})", elementwise_time(dev, nb, graph), nb))
+        return PathResult("qmatmul_t", "dequantize+cuBLAS", shape, N, K, M, bits, 0, dev.name,
+                          steps, baseline)
     splits = t_splits(N, K, dev.sms)
     base = Ctx(N, K, M, bits, x_dtype=x_dtype, splits=splits)
-    steps: List[Step] = []
     k = _kernel(ix, "unpack_scales_kernel", ())
     r = model.run(k, base, dev, graph)
     steps.append(Step("unpack_scales_kernel", r.time, r.launch.dram_bytes, r))
-    k = _kernel(ix, "qmatmul_t_kernel", (xt,))
+    mt = t_tile(M)
+    k = _kernel(ix, "qmatmul_t_kernel", (bits, xt, mt))
+    r = model.run(k, dataclasses.replace(base, t=(bits, xt, mt)), dev, graph)
+    steps.append(Step(f"qmatmul_t_kernel<{bits}, {xt}, {mt}> ({splits} splits)", r.time,
+                      r.launch.dram_bytes, r))
+    k = _kernel(ix, "qmatmul_t_reduce_kernel", (xt,))
     r = model.run(k, dataclasses.replace(base, t=(xt,)), dev, graph)
-    steps.append(Step(f"qmatmul_t_kernel<{xt}> ({splits} splits)", r.time, r.launch.dram_bytes, r))
-    if splits > 1:
-        nb = splits * M * K * 4.0 + M * K * 4.0
-        steps.append(Step("partial.sum(0)", elementwise_time(dev, nb, graph), nb))
-    nb = M * K * 4.0 + M * K * 2.0
-    steps.append(Step(".to(bfloat16)", elementwise_time(dev, nb, graph), nb))
-    baseline = gemm_time(dev, M, K, N, graph=graph)
+    steps.append(Step(f"qmatmul_t_reduce_kernel<{xt}> ({splits} splits)", r.time,
+                      r.launch.dram_bytes, r))
     return PathResult("qmatmul_t", "qmatmul_t small-M", shape, N, K, M, bits, 0, dev.name,
                       steps, baseline)
 
