@@ -506,3 +506,17 @@ def test_library_errors_are_one_line_with_status_1(dense_dir, tmp_path, capsys, 
     assert "model.layers.1.mlp.down_proj.weight (64, 128) has a non-finite value (nan) at " \
            "[3, 5]" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    # Ctrl-C anywhere in a command: no traceback, status 130, and what was kept.
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_quantize", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130
+    assert "lqlora quantize: interrupted (finished cost profiles are kept in the cache" in err
+    assert "Traceback" not in err
