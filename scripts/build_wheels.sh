@@ -149,17 +149,17 @@ for i in "${!variants[@]}"; do
       PATH=$AUDITWHEEL_PATH "$AUDITWHEEL" repair "${EXCLUDES[@]}" -w dist "$stamped" >> "$work/auditwheel.log" 2>&1 || {
         cat "$work/auditwheel.log" >&2; exit 1; }
     fi
-    out=$(sed -n 's/^Fixed-up wheel written to //p' "$work/auditwheel.log" | tail -1)
-    [ -n "$out" ] || { cat "$work/auditwheel.log" >&2; exit 1; }
+    wheel=$(sed -n 's/^Fixed-up wheel written to //p' "$work/auditwheel.log" | tail -1)
+    [ -n "$wheel" ] || { cat "$work/auditwheel.log" >&2; exit 1; }
   else
     cp "$stamped" dist/
-    out=dist/$(basename "$stamped")
+    wheel=dist/$(basename "$stamped")
   fi
   t2=$(date +%s)
-  built+=("$out")
-  size=$(du -k "$out" | cut -f1)
+  built+=("$wheel")
+  size=$(du -k "$wheel" | cut -f1)
   summary+=("$(printf '%-6s build %4ss  stamp+repair %3ss  %6s KiB  %s %s' "$label" $((t1 - t0)) \
-    $((t2 - t1)) "$size" "$(basename "$out")" "$plat_note")")
+    $((t2 - t1)) "$size" "$(basename "$wheel")" "$plat_note")")
 done
 
 echo "== built"

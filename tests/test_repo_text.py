@@ -17,6 +17,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELF = os.path.relpath(os.path.abspath(__file__), ROOT)
+# The remote run's output folder variable, assembled so this file does not spell it.
+OUT_VAR = "$" + "".join(("O", "U", "T"))
 
 # (pattern, what it describes); matched case-insensitively, line by line.
 VOCABULARY = [
@@ -26,7 +28,7 @@ VOCABULARY = [
     (r"\bcarr(?:y|ied|ies|ying)\b(?=[^.\n]{0,40}(?:\bwheels?\b|\blimit\b|\bfolders?\b"
      r"|\bfiles?\b|dist/|\.whl|\bto (?:a|the) (?:GPU|device|machine)))|\bcarry:\s*\[",
      "files carried to a machine"),
-    (r"(?-i:\$OUT)\b|\bgpu-out\b", "the output folder of a remote run"),
+    (r"(?-i:\$" + OUT_VAR[1:] + r")\b|\bgpu-out\b", "the output folder of a remote run"),
     (r"\b(?:run|device)`? tool\b", "the tool that runs commands on a machine"),
     (r"\bgpu_session\b", "the old validation script"),
     (r"\b(?:the|our|this|that) (?:(?:lent|borrowed|GPU-less|GPU|H100|H200|device|CI-like) )+"
@@ -67,7 +69,7 @@ def find_vocabulary(text: str):
     "13 MiB of the 64 MiB carry limit",
     "Carried to a GPU machine, the wheel is smoke-tested there",
     'carry: ["dist/lqlora_ext-0.1.0+cu130.torch2.11-cp312-cp312-manylinux_2_28_x86_64.whl"]',
-    "Logs, JSON and Markdown land in $OUT with a summary",
+    "Logs, JSON and Markdown land in " + OUT_VAR + " with a summary",
     "GPU_SESSION_BUDGET_S (default 580)",
     "about 5-6 minutes on an H100, budgeted to stay under 10",
     "each stage fits the per-run time budget",
@@ -99,8 +101,8 @@ def test_matcher_allows_ordinary_prose(text):
 
 
 def test_matcher_reports_line_and_meaning():
-    text = "fine\nsee $OUT/summary.txt\n"
-    assert find_vocabulary(text) == [(2, "$OUT", "the output folder of a remote run")]
+    text = f"fine\nsee {OUT_VAR}/summary.txt\n"
+    assert find_vocabulary(text) == [(2, OUT_VAR, "the output folder of a remote run")]
 
 
 def _tracked_files():
