@@ -1,15 +1,17 @@
-// Keeps a CUDA build's glibc floor at torch's own (manylinux_2_28) when it is linked on a
-// system with glibc >= 2.34.
+// Keeps a CUDA build's and the SIMT emulator's glibc floor at torch's own (manylinux_2_28)
+// when they are linked on a system with glibc >= 2.34.
 //
 // Why: glibc 2.34 moved libpthread, libdl and librt into libc.so.6 and gave the moved
 // functions a new default version, GLIBC_2.34. The static CUDA runtime we link
 // (libcudart_static.a, so the module also loads under a CPU-only torch) calls 46 of them
 // (pthread_create, dlopen, sem_wait, shm_open, ...); linked here, each reference binds to
 // its @GLIBC_2.34 version and the module refuses to load on glibc < 2.34, which makes the
-// wheel manylinux_2_34 instead of manylinux_2_28.
+// wheel manylinux_2_34 instead of manylinux_2_28. The emulator module (csrc/emu) calls a few
+// of them itself (pthread_key_create & co. for per-thread host state, dladdr to find its own
+// file), with the same effect.
 //
-// How: CMakeLists.txt links with `--wrap=NAME` for every NAME listed below (it reads this
-// list), so those references go to `__wrap_NAME`, defined here as one `jmp` to NAME bound,
+// How: CMakeLists.txt's lqlora_glibc_floor(target) links with `--wrap=NAME` for every NAME
+// listed below (it reads this list), so those references go to `__wrap_NAME`, defined here as one `jmp` to NAME bound,
 // by `.symver`, to the version that was NAME's default before glibc 2.34 (the newest one
 // below 2.34 that this glibc still exports as a compat symbol; they are the same functions).
 // A bare jmp keeps every argument register and the caller's return address, which dlopen
@@ -18,7 +20,7 @@
 // they are loaded wherever the module is (on newer glibc they are empty stubs).
 //
 // Only x86-64 (the versions are per-architecture) and only when CMake defines
-// LQLORA_CUDART_GLIBC_WRAP: a CPU-only build, or a build inside a manylinux_2_28 image
+// LQLORA_CUDART_GLIBC_WRAP: a CPU-only _C, a sanitized _emu, or a build inside a manylinux_2_28 image
 // (glibc 2.28), compiles this file to nothing.
 #if defined(LQLORA_CUDART_GLIBC_WRAP) && defined(__x86_64__)
 
@@ -34,7 +36,9 @@
           ".popsection\n");
 
 // One line per symbol: CMakeLists.txt parses `LQ_GLIBC_FLOOR(name, ...)` lines from here.
-// The set is what `objdump -T` shows at GLIBC_2.34 for a CUDA 13.0 build without the wrap.
+// The set is what `objdump -T` shows at GLIBC_2.34 for a CUDA 13.0 build and the emulator
+// module without the wrap.
+LQ_GLIBC_FLOOR(dladdr, "GLIBC_2.2.5")
 LQ_GLIBC_FLOOR(dlclose, "GLIBC_2.2.5")
 LQ_GLIBC_FLOOR(dlerror, "GLIBC_2.2.5")
 LQ_GLIBC_FLOOR(dlmopen, "GLIBC_2.3.4")

@@ -14,7 +14,6 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -40,12 +39,14 @@ SymbolTable load_table(const void* any_function) {
   t.base = reinterpret_cast<uintptr_t>(info.dli_fbase);
   const int fd = open(info.dli_fname, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return t;
-  struct stat st;
-  if (fstat(fd, &st) != 0 || st.st_size < static_cast<off_t>(sizeof(Elf64_Ehdr))) {
+  // The size by lseek, not fstat: glibc >= 2.33 binds fstat to fstat@GLIBC_2.33, which
+  // would lift the wheel above torch's manylinux_2_28 floor (lseek is GLIBC_2.2.5).
+  const off_t size = lseek(fd, 0, SEEK_END);
+  if (size < static_cast<off_t>(sizeof(Elf64_Ehdr))) {
     close(fd);
     return t;
   }
-  const size_t len = static_cast<size_t>(st.st_size);
+  const size_t len = static_cast<size_t>(size);
   void* map = mmap(nullptr, len, PROT_READ, MAP_PRIVATE, fd, 0);
   close(fd);
   if (map == MAP_FAILED) return t;
