@@ -503,3 +503,12 @@ def test_rsvd_rejects_bad_input():
         ops.rsvd(torch.randn(20, 10), 2, 3, 2, 0, torch.randn(10, 4))
     with pytest.raises(ValueError, match="non-negative"):
         ops.rsvd(torch.randn(20, 10), 2, -1)
+    # NaN/Inf named, as the CUDA op does (shared checks: csrc/include/lqlora/rsvd_args.h)
+    bad = torch.randn(2, 20, 10)
+    bad[1, 4, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"input contains NaN/Inf; first at \[1, 4, 7\]"):
+        ops.rsvd(bad, 2)
+    init = torch.randn(10, 5)
+    init[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"init contains NaN/Inf; first at \[3, 0\]"):
+        ops.rsvd(torch.randn(20, 10), 2, 3, 2, 0, init)

@@ -4,10 +4,10 @@
 // always drawn on the CPU from `seed` so the same inputs give the same factors on every
 // device.
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
 #include "lqlora/guards.h"
+#include "lqlora/rsvd_args.h"
 
 namespace lqlora {
 namespace {
@@ -19,27 +19,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor& a, in
                                                          int64_t seed,
                                                          const std::optional<at::Tensor>& init) {
   const NoAutocast no_autocast;
-  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
-                   "lqlora.rsvd: input must be float32 or float64, got ", a.scalar_type());
-  TORCH_CHECK_VALUE(a.dim() >= 2, "lqlora.rsvd: input must be [..., m, n], got ", a.dim(), "-D");
-  const int64_t m = a.size(-2), n = a.size(-1);
-  TORCH_CHECK_VALUE(rank >= 1 && rank <= std::min(m, n), "lqlora.rsvd: rank must be in 1..",
-                    std::min(m, n), " for a [", m, ", ", n, "] input, got ", rank);
-  TORCH_CHECK_VALUE(oversample >= 0 && niter >= 0,
-                    "lqlora.rsvd: oversample and niter must be non-negative");
-  const int64_t k = std::min(rank + oversample, std::min(m, n));
-  std::vector<int64_t> sk(a.sizes().begin(), a.sizes().end() - 2);
-  sk.push_back(n);
-  sk.push_back(k);
-  at::Tensor omega;
-  if (init.has_value()) {
-    omega = init->to(a.device(), a.scalar_type());
-    TORCH_CHECK_VALUE(omega.sizes() == at::IntArrayRef(sk), "lqlora.rsvd: init must have shape ",
-                      at::IntArrayRef(sk), ", got ", init->sizes());
-  } else {
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-    omega = at::randn(sk, gen, at::TensorOptions().dtype(a.scalar_type())).to(a.device());
-  }
+  const int64_t k = rsvd_check_args(a, rank, oversample, niter);
+  const at::Tensor omega = rsvd_sketch(a, k, seed, init);
+  rsvd_check_finite(a, "input");  // LAPACK would return NaN factors or fail obscurely
   const at::Tensor at_ = a.mT();
   at::Tensor q = orthonormal(at::matmul(a, omega));
   for (int64_t i = 0; i < niter; ++i) {

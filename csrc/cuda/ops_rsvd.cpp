@@ -12,7 +12,6 @@
 // Column signs are fixed: each column of U has its largest-magnitude entry (the first, on
 // ties) positive, and V's column follows.
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
@@ -24,6 +23,7 @@
 
 #include "backend.h"
 #include "lqlora/guards.h"
+#include "lqlora/rsvd_args.h"
 #include "rsvd.h"
 
 namespace lqlora::cuda {
@@ -82,55 +82,21 @@ std::tuple<at::Tensor, at::Tensor> eigh_desc(const at::Tensor& g, const at::Devi
   return {evals, evecs};
 }
 
-// NaN/Inf in `t` is refused naming the first bad element (one reduction and a sync).
-void check_finite(const at::Tensor& t, const char* what) {
-  const at::Tensor bad = at::logical_not(at::isfinite(t)).reshape(-1);
-  if (!bad.any().item<bool>()) return;
-  int64_t i = at::argmax(bad.to(at::kByte)).item<int64_t>();
-  std::vector<int64_t> pos(t.dim());
-  for (int64_t d = t.dim() - 1; d >= 0; --d) {
-    pos[d] = i % t.size(d);
-    i /= t.size(d);
-  }
-  TORCH_CHECK_VALUE(false, "lqlora.rsvd: ", what, " contains NaN/Inf; first at ",
-                    at::IntArrayRef(pos));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, int64_t rank,
                                                          int64_t oversample, int64_t niter,
                                                          int64_t seed,
                                                          const std::optional<at::Tensor>& init) {
   const NoAutocast no_autocast;
-  // The CPU op's checks and messages (csrc/cpu/rsvd.cpp).
-  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
-                   "lqlora.rsvd: input must be float32 or float64, got ", a.scalar_type());
-  TORCH_CHECK_VALUE(a.dim() >= 2, "lqlora.rsvd: input must be [..., m, n], got ", a.dim(), "-D");
+  // The CPU op's checks, messages and sketch (lqlora/rsvd_args.h).
+  const int64_t k = rsvd_check_args(a, rank, oversample, niter);
   TORCH_CHECK_VALUE(on_backend(a), "lqlora.rsvd: expected ", kBackendDevice,
                     " tensors, got the input on ", a.device());
   const int64_t m = a.size(-2), n = a.size(-1);
-  TORCH_CHECK_VALUE(rank >= 1 && rank <= std::min(m, n), "lqlora.rsvd: rank must be in 1..",
-                    std::min(m, n), " for a [", m, ", ", n, "] input, got ", rank);
-  TORCH_CHECK_VALUE(oversample >= 0 && niter >= 0,
-                    "lqlora.rsvd: oversample and niter must be non-negative");
   c10::DeviceGuard guard(a.device());
   const at::ScalarType dt = a.scalar_type();
-  const int64_t k = std::min(rank + oversample, std::min(m, n));
   std::vector<int64_t> batch(a.sizes().begin(), a.sizes().end() - 2);
-  std::vector<int64_t> sk = batch;
-  sk.push_back(n);
-  sk.push_back(k);
-  at::Tensor omega;
-  if (init.has_value()) {
-    omega = init->to(a.device(), dt);
-    TORCH_CHECK_VALUE(omega.sizes() == at::IntArrayRef(sk), "lqlora.rsvd: init must have shape ",
-                      at::IntArrayRef(sk), ", got ", init->sizes());
-    check_finite(omega, "init");
-  } else {
-    // Drawn on the CPU exactly as the CPU op draws it: same seed, same sketch, any device.
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-    omega = at::randn(sk, gen, at::TensorOptions().dtype(dt)).to(a.device());
-  }
-  check_finite(a, "input");
+  const at::Tensor omega = rsvd_sketch(a, k, seed, init);
+  rsvd_check_finite(a, "input");
 
   auto shaped = [&](std::vector<int64_t> tail) {
     std::vector<int64_t> s = batch;
