@@ -12,12 +12,14 @@ replaces the target only once complete and flushed: a killed writer leaves no to
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import tempfile
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple,
+                    Union)
 
 import torch
 
@@ -281,42 +283,46 @@ def write_safetensors(path: str, entries: Sequence[Entry],
         off += e.nbytes
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)  # the data section starts 8-byte aligned
+    with atomic_file(path, "wb") as f:
+        f.write(len(hbytes).to_bytes(8, "little"))
+        f.write(hbytes)
+        for e in entries:
+            start = f.tell()
+            if isinstance(e.source, torch.Tensor):
+                t = e.source
+                if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
+                    raise ValueError(f"write_safetensors: tensor {e.key!r} is {t.dtype} "
+                                     f"{tuple(t.shape)}, planned {e.dtype} {e.shape}")
+                f.write(tensor_bytes(t))
+            else:
+                e.source(f)
+            if f.tell() - start != e.nbytes:
+                raise ValueError(f"write_safetensors: tensor {e.key!r} wrote "
+                                 f"{f.tell() - start} bytes, planned {e.nbytes}")
+    return 8 + len(hbytes) + off
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "wb") -> Iterator:
+    """A file to write ``path`` through: a temporary sibling, flushed, fsynced and renamed
+    over ``path`` when the block ends cleanly (with the permissions an ordinary ``open``
+    would give; mkstemp makes files private to their owner), removed when it raises. A
+    reader never sees a half-written ``path``."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(hbytes).to_bytes(8, "little"))
-            f.write(hbytes)
-            for e in entries:
-                start = f.tell()
-                if isinstance(e.source, torch.Tensor):
-                    t = e.source
-                    if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
-                        raise ValueError(f"write_safetensors: tensor {e.key!r} is {t.dtype} "
-                                         f"{tuple(t.shape)}, planned {e.dtype} {e.shape}")
-                    f.write(tensor_bytes(t))
-                else:
-                    e.source(f)
-                if f.tell() - start != e.nbytes:
-                    raise ValueError(f"write_safetensors: tensor {e.key!r} wrote "
-                                     f"{f.tell() - start} bytes, planned {e.nbytes}")
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        _publish(tmp, path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return 8 + len(hbytes) + off
-
-
-def _publish(tmp: str, path: str) -> None:
-    """Rename ``tmp`` over ``path`` with the permissions an ordinary ``open`` would have
-    given it (mkstemp makes files private to their owner)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def is_complete(path: str) -> bool:
@@ -330,18 +336,8 @@ def is_complete(path: str) -> bool:
 
 def atomic_write_json(path: str, obj, **kw) -> None:
     """``json.dump(obj)`` to ``path`` through a flushed temporary sibling and a rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, **kw)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, **kw)
 
 
 def shard_names(n: int, prefix: str = "model") -> List[str]:
