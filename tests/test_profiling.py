@@ -56,6 +56,11 @@ def which(calls, ws):
     return sorted(out)
 
 
+def asked(calls):
+    """How many (matrix, config) costs calls computed."""
+    return sum(len(cfgs) for _, cfgs in calls)
+
+
 def key_of(w, fisher=None, **kw):
     s = dict(rank=RANK, seed=0, max_iters=100, tol=1e-3, threads=1)
     s.update(kw)
@@ -123,7 +128,8 @@ def test_cache_resumes_only_missing_matrix(tmp_path, counting):
     counting.clear()
     assert torch.equal(run(ws, cache), first)
     assert which(counting, ws) == ["b"]
-    assert len(counting) == len(CONFIGS)  # one task per (matrix, config) pair
+    # one task: the matrix's configs together (workers=1), its first low-rank step shared
+    assert len(counting) == 1 and len(counting[0][1]) == len(CONFIGS)
     assert os.path.exists(path_b)
     assert {f: os.stat(f).st_mtime_ns for f in mtimes} == mtimes  # others untouched
 
@@ -200,7 +206,7 @@ def test_torn_or_foreign_cache_file_is_recomputed(tmp_path, counting, content):
     counting.clear()
     with pytest.warns(RuntimeWarning, match="cost cache file .*" + os.path.basename(victim)):
         again = run(ws, cache)
-    assert len(which(counting, ws)) == 1 and len(counting) == len(CONFIGS)
+    assert len(which(counting, ws)) == 1 and asked(counting) == len(CONFIGS)
     assert torch.equal(again, first)
     with open(victim) as f:  # rewritten whole
         assert set(json.load(f)["costs"]) == {c.name for c in CONFIGS}
@@ -283,7 +289,7 @@ def test_unpinned_threads_get_their_own_cache_entries(tmp_path, counting):
         run(ws, str(tmp_path), threads=None, workers=2)  # 2 threads: another regime
     finally:
         torch.set_num_threads(before)
-    assert len(counting) == len(CONFIGS)  # and in this process, whatever workers says
+    assert asked(counting) == len(CONFIGS)  # and in this process, whatever workers says
     assert len(glob.glob(os.path.join(str(tmp_path), "*.json"))) == 2
 
 
@@ -349,3 +355,40 @@ def test_ctrl_c_stops_promptly_and_keeps_finished_results(tmp_path):
         assert costs and all(isinstance(v, float) and v > 0 for v in costs.values())
         kept += len(costs)
     assert kept < 48  # it really stopped early
+
+
+# ------------------------------------------------------------------- config groups
+def test_task_groups_cpu_keep_workers_busy_and_cap_the_group():
+    tg = profiling.task_groups
+    miss = [list(range(18)), [], [3, 4]]
+    shapes = [(64, 64)] * 3
+    one = tg(miss, 18, shapes, "cpu", workers=1)
+    # one worker: whole groups of at most CPU_GROUP configs, in order, nothing twice
+    assert [(i, len(js)) for i, js in one] == [(0, 6), (0, 6), (0, 6), (2, 2)]
+    assert sorted(j for i, js in one if i == 0 for j in js) == list(range(18))
+    many = tg(miss, 18, shapes, "cpu", workers=8)  # 32 tasks wanted over 2 matrices
+    assert len([t for t in many if t[0] == 0]) == 16 and len([t for t in many if t[0] == 2]) == 2
+    assert sorted(j for i, js in many if i == 0 for j in js) == list(range(18))
+
+
+def test_task_groups_cuda_are_fixed_chunks_recomputed_whole():
+    tg = profiling.task_groups
+    # 4096 x 4096: 16 configs per chunk; matrix 0 misses one cost in the second chunk
+    got = tg([[17], list(range(18))], 18, [(4096, 4096), (4096, 4096)], "cuda")
+    assert got == [(0, list(range(16, 18))), (1, list(range(16))), (1, [16, 17])]
+
+
+def test_cpu_groups_do_not_change_a_cost(tmp_path):
+    """Grouped (workers=1: one task per matrix) and one config per task (many workers) give
+    the same bits: the shared first step is the same computation."""
+    ws = weights()
+    grouped = run(ws, workers=1)
+    for i, w in enumerate(ws.values()):
+        for j, c in enumerate(CONFIGS):
+            assert grouped[i, j] == decompose(w, c, RANK, seed=0, max_iters=100, tol=1e-3).error
+
+
+def test_cuda_costs_have_their_own_cache_key():
+    s_cpu = profiling.cache_settings("cpu", RANK, 0, 100, 1e-3, 1)
+    s_cuda = profiling.cache_settings("cuda", RANK, 0, 100, 1e-3, 1)
+    assert "batched" not in s_cpu and s_cuda["batched"] == 1

@@ -1,8 +1,11 @@
 """The ILP's cost profile (METHOD.md §4), sharded over the ranks of a :class:`World`.
 
-Tasks are (matrix, config) pairs. Every rank computes exactly what a single process
-computes for the same pair (the same ``decompose`` call, seed and settings), so the
-profile, hence the ILP's choice, does not depend on the number of ranks.
+Tasks are (matrix, config) pairs on CPU, run by each rank as runs of one matrix's configs
+through ``decompose_many`` (bit-identical to ``decompose``), and the fixed config chunks of
+:func:`~lqlora_ext.method.profiling.task_groups` on CUDA (one batched rsvd per iteration).
+Every rank computes exactly what a single process computes for the same task (the same
+call, seed and settings), so the profile, hence the ILP's choice, does not depend on the
+number of ranks.
 
 The cache is :mod:`lqlora_ext.method.profiling`'s: ``cache_dir/<key>.json`` per matrix
 (the key hashes weight, Fisher, rank and settings), which a single-process
@@ -22,8 +25,8 @@ import torch
 from torch import Tensor
 
 from ..formats import QuantConfig
-from ..method.decomposition import decompose
-from ..method.profiling import _atomic_write_json, _key, cache_settings, read_cache
+from ..method.batched import decompose_many
+from ..method.profiling import _atomic_write_json, _key, cache_settings, read_cache, task_groups
 from .env import World, assign, contiguous_chunks
 
 
@@ -82,20 +85,36 @@ def profile_costs_sharded(world: World, names: Sequence[str], numels: Sequence[i
             for frag in sorted(glob.glob(os.path.join(cache_dir, key + ".r*.json"))):
                 known[i].update(_read_costs(frag, wanted))
     known = world.broadcast(known)
-    tasks = [(i, j) for i in range(n) for j, c in enumerate(configs) if c.name not in known[i]]
+    missing = [[j for j, c in enumerate(configs) if c.name not in known[i]] for i in range(n)]
+    todo = sum(len(m) for m in missing)
     total = n * k
     if world.is_main and cache_dir is not None:
-        log(f"cost profile: {total - len(tasks)} of {total} (matrix, config) costs cached, "
-            f"{len(tasks)} to compute on {world.world_size} process(es)")
+        log(f"cost profile: {total - todo} of {total} (matrix, config) costs cached, "
+            f"{todo} to compute on {world.world_size} process(es)")
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:  # fixed chunks, whole: the same batches for any number of ranks
+        # (chunk sizes depend on the element count only)
+        tasks = task_groups(missing, k, [(numels[i], 1) for i in range(n)], device)
+    else:  # pairs: the grouping below does not change a CPU cost
+        tasks = [(i, [j]) for i in range(n) for j in missing[i]]
     # 3. my tasks: contiguous runs of about equal work, so a matrix is loaded by few ranks.
-    owner = contiguous_chunks([numels[i] for i, _ in tasks], world.world_size)
+    owner = contiguous_chunks([numels[i] * len(js) for i, js in tasks], world.world_size)
     my_tasks = [t for t, r in zip(tasks, owner) if r == world.rank]
+    if not on_cuda:  # one decompose_many call per run of one matrix's configs
+        runs: List[tuple] = []
+        for i, js in my_tasks:
+            if runs and runs[-1][0] == i:
+                runs[-1][1].extend(js)
+            else:
+                runs.append((i, list(js)))
+        my_tasks = runs
     results: Dict[int, Dict[str, float]] = {}
-    bar = tqdm(total=len(my_tasks), desc=f"profiling (rank {world.rank})" if world.distributed
+    bar = tqdm(total=sum(len(js) for _, js in my_tasks),
+               desc=f"profiling (rank {world.rank})" if world.distributed
                else "profiling costs", unit="decomp", disable=not progress)
     try:
         cur, w, f, frag, frag_path = None, None, None, {}, None
-        for i, j in my_tasks:
+        for i, js in my_tasks:
             if i != cur:
                 w, f = get(i)
                 w = w.to(device, torch.float32)
@@ -104,13 +123,18 @@ def profile_costs_sharded(world: World, names: Sequence[str], numels: Sequence[i
                 if cache_dir is not None:
                     frag_path = os.path.join(cache_dir, f"{keys[i]}.r{world.rank}.json")
                     frag = _read_costs(frag_path)
-            c = configs[j]
-            d = decompose(w, c, rank, fisher=f, seed=seed, max_iters=max_iters, tol=tol)
-            results.setdefault(i, {})[c.name] = d.error
-            if frag_path is not None:
-                frag[c.name] = d.error
-                _write_costs(frag_path, names[i], frag)
-            bar.update(1)
+
+            def done(b, d, i=i, js=js):
+                name = configs[js[b]].name
+                results.setdefault(i, {})[name] = d.error
+                if frag_path is not None:
+                    frag[name] = d.error
+                    _write_costs(frag_path, names[i], frag)
+                bar.update(1)
+
+            decompose_many(w, [configs[j] for j in js], rank, fisher=f, seed=seed,
+                           max_iters=max_iters, tol=tol, batched=on_cuda, max_batch=len(js),
+                           on_done=done)
         del w, f
     finally:
         bar.close()

@@ -164,47 +164,89 @@ def decompose(w: Tensor, config: QuantConfig, rank: int, *, fisher: Optional[Ten
         return _decompose(w, config, rank, fisher, max_iters, seed, exact_svd, tol, warm_start)
 
 
-def _decompose(w, config, rank, fisher, max_iters, seed, exact_svd, tol, warm_start):
-    W = w.detach().to(torch.float32)
-    F = None if fisher is None else fisher.detach().to(W.device, torch.float32)
+class _Problem:
+    """One matrix's fixed data: ``W [out, in]`` fp32, its Fisher ``F`` (or None) and the
+    Fisher row/column scales of the low-rank step."""
 
-    def err_of(e: Tensor) -> float:
-        if F is not None:
-            return float(torch.dot(e.square_().reshape(-1), F.reshape(-1)))
+    def __init__(self, w: Tensor, fisher: Optional[Tensor]):
+        self.W = w.detach().to(torch.float32)
+        self.F = None if fisher is None else fisher.detach().to(self.W.device, torch.float32)
+        self.d_row = self.d_col = None
+        if self.F is not None:
+            self.d_row, self.d_col = fisher_scales(self.F)
+
+    def err_of(self, e: Tensor) -> float:
+        """Squared (Fisher-weighted) norm of ``e``; overwrites ``e``."""
+        if self.F is not None:
+            return float(torch.dot(e.square_().reshape(-1), self.F.reshape(-1)))
         return float(torch.linalg.vector_norm(e).square())
 
-    if rank == 0:
-        q = quantize(W, config)
-        e = err_of(W - q.dequantize())
-        return Decomposition(q, W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1]), e, 1, [e])
+    def scaled(self, r: Tensor) -> Tensor:
+        """The low-rank step's input: ``r`` scaled by the Fisher rows/columns."""
+        if self.d_row is None:
+            return r
+        return self.d_row[:, None] * r * self.d_col[None, :]
 
-    d_row = d_col = None
-    if F is not None:
-        d_row, d_col = fisher_scales(F)
-    Qd = torch.zeros_like(W)
-    best: Optional[Decomposition] = None
-    history: List[float] = []
-    warm = None
-    for it in range(max_iters):
-        R = W - Qd
-        if d_row is not None:
-            R = d_row[:, None] * R * d_col[None, :]
-        l1, l2, v = lowrank(R, rank, seed=seed, exact=exact_svd,
-                            warm=warm if warm_start else None)
-        warm = v
-        if d_row is not None:
-            l1, l2 = l1 / d_row[:, None], l2 / d_col[None, :]
-        T = torch.addmm(W, l1, l2, alpha=-1)  # W - L1 L2 in one fused op
-        q = quantize(T, config)
-        Qd = q.dequantize()
-        e = err_of(T.sub_(Qd))  # T is not needed after quantize: reuse it for the residual
-        history.append(e)
-        if best is None or e < best.error:
-            prev = best.error if best is not None else None
-            best = Decomposition(q, l1, l2, e, it + 1, history)
-            if prev is not None and prev - e <= tol * prev:
-                break
+    def unscaled(self, l1: Tensor, l2: Tensor):
+        if self.d_row is None:
+            return l1, l2
+        return l1 / self.d_row[:, None], l2 / self.d_col[None, :]
+
+
+class _Run:
+    """One config's alternating loop, advanced one low-rank step at a time, so that several
+    configs of one matrix can share steps (:func:`decompose_many`)."""
+
+    def __init__(self, p: _Problem, config: QuantConfig, max_iters: int, tol: float):
+        self.p, self.config, self.max_iters, self.tol = p, config, max_iters, tol
+        self.Qd: Optional[Tensor] = None  # None: Q = 0 (the first iteration)
+        self.warm: Optional[Tensor] = None
+        self.best: Optional[Decomposition] = None
+        self.history: List[float] = []
+        self.done = False
+
+    def residual(self) -> Tensor:
+        """The next low-rank step's input, ``scaled(W - Q)``."""
+        return self.p.scaled(self.p.W if self.Qd is None else self.p.W - self.Qd)
+
+    def advance(self, l1: Tensor, l2: Tensor, v: Tensor) -> None:
+        """Take the low-rank factors of :meth:`residual` (scaled space), quantize the rest."""
+        p = self.p
+        self.warm = v
+        l1, l2 = p.unscaled(l1, l2)
+        T = torch.addmm(p.W, l1, l2, alpha=-1)  # W - L1 L2 in one fused op
+        q = quantize(T, self.config)
+        self.Qd = q.dequantize()
+        e = p.err_of(T.sub_(self.Qd))  # T is not needed after quantize: reuse it
+        self.history.append(e)
+        it = len(self.history)
+        if self.best is None or e < self.best.error:
+            prev = self.best.error if self.best is not None else None
+            self.best = Decomposition(q, l1, l2, e, it, self.history)
+            if prev is not None and prev - e <= self.tol * prev:
+                self.done = True
         else:
-            break  # the error rose: stop, keep the best iterate
-    best.iters = len(history)
-    return best
+            self.done = True  # the error rose: stop, keep the best iterate
+        if it >= self.max_iters:
+            self.done = True
+        if self.done:
+            self.best.iters = it
+            self.Qd = self.warm = None  # free the iterate's memory
+
+
+def _rank0(p: _Problem, config: QuantConfig) -> Decomposition:
+    W = p.W
+    q = quantize(W, config)
+    e = p.err_of(W - q.dequantize())
+    return Decomposition(q, W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1]), e, 1, [e])
+
+
+def _decompose(w, config, rank, fisher, max_iters, seed, exact_svd, tol, warm_start):
+    p = _Problem(w, fisher)
+    if rank == 0:
+        return _rank0(p, config)
+    run = _Run(p, config, max_iters, tol)
+    while not run.done:
+        run.advance(*lowrank(run.residual(), rank, seed=seed, exact=exact_svd,
+                             warm=run.warm if warm_start else None))
+    return run.best

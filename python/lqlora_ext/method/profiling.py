@@ -3,15 +3,21 @@
 Resumable: each matrix's costs are cached on disk in ``cache_dir/<key>.json``, where the
 key hashes the weight, its Fisher, the rank, every decomposition setting and the numerics
 regime (device, intra-op threads), so an interrupted profile picks up where it stopped and
-a changed input never reuses a stale cost. Every finished pair is written at once
-(atomically), so Ctrl-C loses at most the decompositions still running; a cache entry that
-is not a finite non-negative number is named in a warning and recomputed.
+a changed input never reuses a stale cost. Every finished task is written at once
+(atomically), so Ctrl-C loses at most the tasks still running; a cache entry that is not a
+finite non-negative number is named in a warning and recomputed.
 
-Work is spread over processes, one (matrix, config) pair per task, each process running
-torch with one intra-op thread: that uses every core far better than intra-op threading on
+A task is one matrix and a group of its configs, decomposed together by
+:func:`~lqlora_ext.method.batched.decompose_many` (their first low-rank step is the same and
+computed once). On CPU the groups (at most CPU_GROUP configs) are cut so that every worker
+stays busy, and each cost is bit-identical to a lone ``decompose`` call; work is spread over
+processes, each running torch with one intra-op thread: that uses every core far better than intra-op threading on
 ~100M-parameter models' small matrices, and since every decomposition runs with one thread
 whatever the worker count (see :func:`~lqlora_ext.method.decomposition.decompose`), the
-costs are bit-identical for any number of workers, threads or ranks.
+costs are bit-identical for any number of workers, threads or ranks. On CUDA the groups are
+the fixed chunks of the config list (:func:`~lqlora_ext.method.batched.chunks`), each one
+batched rsvd per iteration; a chunk with any cost missing is recomputed whole, so every
+cost comes from the same batch on every run.
 """
 from __future__ import annotations
 
@@ -28,11 +34,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .decomposition import decompose
+from .batched import batch_size, chunks, decompose_many
 from ..formats import QuantConfig
 
+# Configs per CPU task at most: sharing the first low-rank step saves (n - 1) / n of it,
+# while a task is what Ctrl-C may lose.
+CPU_GROUP = 8
 # Bump when the decomposition's numerics change (2: bnb-exact NF tables; 3: one intra-op
-# thread for every decomposition, so earlier thread-dependent costs are not reused).
+# thread for every decomposition, so earlier thread-dependent costs are not reused). CUDA
+# costs also carry "batched" (cache_settings): they come from decompose_many's chunks.
 PROFILE_VERSION = 3
 
 
@@ -49,14 +59,39 @@ def _key(w: Tensor, fisher: Optional[Tensor], settings: dict) -> str:
 
 def _profile_one(w: Tensor, fisher: Optional[Tensor], configs: List[dict], rank: int,
                  settings: dict) -> Dict[str, float]:
-    out = {}
-    for cd in configs:
-        c = QuantConfig.from_dict(cd)
-        d = decompose(w, c, rank, fisher=fisher, seed=settings["seed"],
-                      max_iters=settings["max_iters"], tol=settings["tol"],
-                      threads=settings["threads"])
-        out[c.name] = d.error
-    return out
+    """Costs ``{config name: error}`` of one matrix under ``configs`` (dicts), decomposed
+    together; batched (one rsvd call per iteration, ``configs`` one fixed chunk) on CUDA."""
+    cs = [QuantConfig.from_dict(cd) for cd in configs]
+    ds = decompose_many(w, cs, rank, fisher=fisher, seed=settings["seed"],
+                        max_iters=settings["max_iters"], tol=settings["tol"],
+                        threads=settings["threads"], batched=w.device.type == "cuda",
+                        max_batch=len(cs))
+    return {c.name: d.error for c, d in zip(cs, ds)}
+
+
+def task_groups(missing: Sequence[Sequence[int]], n_configs: int, shapes: Sequence[tuple],
+                device: str, workers: int = 1) -> List[Tuple[int, List[int]]]:
+    """The profile's tasks ``(matrix, [config indices])`` for the missing costs
+    ``missing[i]`` (config indices of matrix ``i``). CUDA: the fixed chunks of every matrix's
+    config list that miss a cost (recomputed whole). CPU: each matrix's missing configs in
+    consecutive groups of at most :data:`CPU_GROUP`, cut finer while that keeps fewer than
+    about 4 tasks per worker; the grouping does not change a CPU cost."""
+    tasks = []
+    if torch.device(device).type == "cuda":
+        for i, miss in enumerate(missing):
+            todo = set(miss)
+            for ch in chunks(n_configs, batch_size(shapes[i], n_configs)):
+                if todo.intersection(ch):
+                    tasks.append((i, list(ch)))
+        return tasks
+    busy = [i for i, miss in enumerate(missing) if miss]
+    pieces = 1 if workers <= 1 or not busy else -(-4 * workers // len(busy))
+    for i in busy:
+        miss = list(missing[i])
+        p = min(max(pieces, -(-len(miss) // CPU_GROUP)), len(miss))
+        for k in range(p):
+            tasks.append((i, miss[k * len(miss) // p:(k + 1) * len(miss) // p]))
+    return tasks
 
 
 # ------------------------------------------------------------------------ worker pool
@@ -202,17 +237,20 @@ def cache_settings(device: str, rank: int, seed: int, max_iters: int, tol: float
     and the numerics regime (``device``: the type the decompositions run on, "cpu" or
     "cuda"; intra-op threads: the count itself when ``threads`` is None, since the
     results then depend on it)."""
-    return {"v": PROFILE_VERSION, "rank": rank, "seed": seed, "max_iters": max_iters,
-            "tol": tol, "device": torch.device(device).type,
-            "threads": torch.get_num_threads() if threads is None else threads}
+    out = {"v": PROFILE_VERSION, "rank": rank, "seed": seed, "max_iters": max_iters,
+           "tol": tol, "device": torch.device(device).type,
+           "threads": torch.get_num_threads() if threads is None else threads}
+    if out["device"] == "cuda":  # costs from decompose_many's batched chunks
+        out["batched"] = 1
+    return out
 
 
-def _one_config(name, w, fisher, cd, rank, settings):
+def _one_task(name, w, fisher, cds, rank, settings):
     try:
-        return _profile_one(w, fisher, [cd], rank, settings)
+        return _profile_one(w, fisher, cds, rank, settings)
     except ValueError as e:  # name the matrix: the decomposition's message does not
-        raise ValueError(f"profile_costs: {name} ({QuantConfig.from_dict(cd).name}): {e}") \
-            from None
+        which = ", ".join(QuantConfig.from_dict(cd).name for cd in cds)
+        raise ValueError(f"profile_costs: {name} ({which}): {e}") from None
 
 
 def profile_costs(weights: Dict[str, Tensor], configs: Sequence[QuantConfig], rank: int, *,
@@ -244,7 +282,7 @@ def profile_costs(weights: Dict[str, Tensor], configs: Sequence[QuantConfig], ra
     costs = torch.full((len(names), len(configs)), float("nan"), dtype=torch.float64)
     wanted = [c.name for c in configs]
     rows = []  # per matrix: (name, cache path, cached costs, settings)
-    todo = []  # (row, column) of every missing pair
+    missing = []  # per matrix: the config indices without a cost
     for i, name in enumerate(names):
         w = weights[name]
         f = None if fishers is None else fishers[name]
@@ -253,27 +291,36 @@ def profile_costs(weights: Dict[str, Tensor], configs: Sequence[QuantConfig], ra
             w, f, cache_settings(w.device.type, rank, seed, max_iters, tol, threads)) + ".json")
         cached = {} if path is None else read_cache(path, wanted)
         rows.append((name, path, cached, settings))
+        missing.append([j for j, c in enumerate(configs) if c.name not in cached])
         for j, c in enumerate(configs):
             if c.name in cached:
                 costs[i, j] = cached[c.name]
-            else:
-                todo.append((i, j))
 
-    bar = tqdm(total=len(names) * len(configs), initial=len(names) * len(configs) - len(todo),
-               desc="profiling costs", unit="decomp", disable=not progress)
-    tasks = [(rows[i][0], weights[rows[i][0]].detach(), None if fishers is None else fishers[rows[i][0]],
-              configs[j].to_dict(), rank, rows[i][3]) for i, j in todo]
     if threads is None:  # torch's own thread setting only means something in this process
         workers = 1
+    if workers is None:
+        workers = os.cpu_count() or 1
+    on_gpu = any(w.device.type == "cuda" for w in weights.values())
+    groups = task_groups(missing, len(configs), [tuple(weights[n].shape) for n in names],
+                         "cuda" if on_gpu else "cpu", workers)
+    n_todo = sum(len(m) for m in missing)
+    bar = tqdm(total=len(names) * len(configs), initial=len(names) * len(configs) - n_todo,
+               desc="profiling costs", unit="decomp", disable=not progress)
+    tasks = [(rows[i][0], weights[rows[i][0]].detach(),
+              None if fishers is None else fishers[rows[i][0]],
+              [configs[j].to_dict() for j in js], rank, rows[i][3]) for i, js in groups]
     try:
-        for idx, result in map_matrices(_one_config, tasks, workers):
-            i, j = todo[idx]
+        for idx, result in map_matrices(_one_task, tasks, workers):
+            i, js = groups[idx]
             name, path, cached, _ = rows[i]
-            cname = configs[j].name
-            costs[i, j] = cached[cname] = result[cname]
+            new = 0
+            for j in js:
+                cname = configs[j].name
+                new += cname not in cached
+                costs[i, j] = cached[cname] = result[cname]
             if path is not None:
                 _atomic_write_json(path, {"name": name, "costs": cached})
-            bar.update(1)
+            bar.update(new)
     finally:
         bar.close()
     return costs
