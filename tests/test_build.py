@@ -64,9 +64,11 @@ def test_environment_settings_survive_cmakes_own_rerun(tmp_path):
     first = dict(env, LQLORA_CUDA="OFF", LQLORA_EMU="OFF", TORCH_CUDA_ARCH_LIST="9.0a")
     for e, args in ((first, ["-S", ROOT, "-B", str(build), "-G", "Ninja",
                              f"-DPython_EXECUTABLE={sys.executable}"]), (env, [str(build)])):
-        r = subprocess.run([shutil.which("cmake", path=_PATH), *args], env=e, capture_output=True, text=True)
+        r = subprocess.run([shutil.which("cmake", path=_PATH), *args], env=e,
+                           capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "CUDA kernels OFF" in r.stdout and "SIMT emulator OFF" in r.stdout, r.stdout
     cache = (build / "CMakeCache.txt").read_text()
-    for line in ("LQLORA_CUDA:STRING=OFF", "LQLORA_EMU:STRING=OFF", "LQLORA_ARCH_LIST:STRING=9.0a"):
+    for line in ("LQLORA_CUDA:STRING=OFF", "LQLORA_EMU:STRING=OFF",
+                 "LQLORA_ARCH_LIST:STRING=9.0a"):
         assert line in cache

@@ -10,14 +10,15 @@ finite non-negative number is named in a warning and recomputed.
 A task is one matrix and a group of its configs, decomposed together by
 :func:`~lqlora_ext.method.batched.decompose_many` (their first low-rank step is the same and
 computed once). On CPU the groups (at most CPU_GROUP configs) are cut so that every worker
-stays busy, and each cost is bit-identical to a lone ``decompose`` call; work is spread over
-processes, each running torch with one intra-op thread: that uses every core far better than intra-op threading on
-~100M-parameter models' small matrices, and since every decomposition runs with one thread
-whatever the worker count (see :func:`~lqlora_ext.method.decomposition.decompose`), the
-costs are bit-identical for any number of workers, threads or ranks. On CUDA the groups are
-the fixed chunks of the config list (:func:`~lqlora_ext.method.batched.chunks`), each one
-batched rsvd per iteration; a chunk with any cost missing is recomputed whole, so every
-cost comes from the same batch on every run.
+stays busy, and each cost is bit-identical to a lone ``decompose`` call. Work is spread over
+processes, each running torch with one intra-op thread: that uses every core far better
+than intra-op threading on ~100M-parameter models' small matrices, and since every
+decomposition runs with one thread whatever the worker count (see
+:func:`~lqlora_ext.method.decomposition.decompose`), the costs are bit-identical for any
+number of workers, threads or ranks. On CUDA the groups are the fixed chunks of the config
+list (:func:`~lqlora_ext.method.batched.chunks`), each one batched rsvd per iteration; a
+chunk with any cost missing is recomputed whole, so every cost comes from the same batch on
+every run.
 """
 from __future__ import annotations
 
