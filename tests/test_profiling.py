@@ -295,7 +295,10 @@ def test_unpinned_threads_get_their_own_cache_entries(tmp_path, counting):
 
 # -------------------------------------------------------------------------- Ctrl-C
 _INTERRUPTED = r"""
-import sys, torch
+import signal, sys, torch
+# A job started in the background by a non-interactive shell inherits SIGINT ignored, and
+# Python then never raises KeyboardInterrupt: restore what a terminal's foreground job has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import lqlora_ext as L
 from lqlora_ext.method.profiling import profile_costs
 g = torch.Generator().manual_seed(0)
