@@ -22,10 +22,9 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import ops
 from ..formats import QuantConfig
-from .decomposition import (Decomposition, _check, _Problem, _rank0, _Run, intra_op_threads,
-                            lowrank)
+from .decomposition import (Decomposition, _check, _finish, _Problem, _rank0, _Run,
+                            check_settings, intra_op_threads, lowrank)
 
 # Working memory the batched path may hold per chunk (the stacked residuals and every
 # running config's dequantized iterate): the chunk size follows from it and the shape.
@@ -44,29 +43,6 @@ def batch_size(shape: Sequence[int], n_configs: int, max_batch: Optional[int] = 
 def chunks(n_configs: int, size: int) -> List[range]:
     """The fixed consecutive chunks ``decompose_many`` batches together."""
     return [range(i, min(i + size, n_configs)) for i in range(0, n_configs, size)]
-
-
-def _lowrank_stack(rs: Tensor, rank: int, seed: int, exact: bool, warms: Optional[List[Tensor]],
-                   oversample: int = 10, niter: int = 2):
-    """:func:`lowrank` of each ``rs[b]`` in one call: ``(l1 [A, m, rank], l2 [A, rank, n],
-    v [A, n, rank])``. ``warms``: each entry's previous right subspace (or None)."""
-    a, m, n = rs.shape
-    if exact:
-        u, s, vh = torch.linalg.svd(rs, full_matrices=False)
-        u, s, v = u[..., :rank], s[..., :rank], vh[:, :rank].mT
-    else:
-        init = None
-        k = min(rank + oversample, m, n)
-        if warms is not None:
-            # The single path's sketch for each entry: its warm subspace plus the same
-            # fresh columns (seeded by seed + 1, as in lowrank).
-            gen = torch.Generator().manual_seed(seed + 1)
-            fresh = torch.randn(n, k - rank, generator=gen, dtype=rs.dtype).to(rs.device)
-            init = torch.cat([torch.stack(warms), fresh.expand(a, n, k - rank)], dim=2)
-            niter = 0
-        u, s, v = ops.rsvd(rs, rank, oversample, niter, seed, init)
-    r = s.clamp_min(0).sqrt()
-    return u * r[:, None, :], r[:, :, None] * v.mT, v
 
 
 def decompose_many(w: Tensor, configs: Sequence[QuantConfig], rank: int, *,
@@ -91,12 +67,7 @@ def decompose_many(w: Tensor, configs: Sequence[QuantConfig], rank: int, *,
         if not isinstance(c, QuantConfig):
             raise TypeError(f"decompose_many: configs must be QuantConfigs, got "
                             f"{type(c).__name__}")
-    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-        raise ValueError(f"decompose_many: max_iters must be an integer >= 1, got {max_iters!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"decompose_many: threads must be None or an integer >= 1, got "
-                         f"{threads!r}")
+    check_settings("decompose_many", max_iters, threads)
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
                                   or max_batch < 1):
         raise ValueError(f"decompose_many: max_batch must be None or an integer >= 1, got "
@@ -124,10 +95,7 @@ def decompose_many(w: Tensor, configs: Sequence[QuantConfig], rank: int, *,
             for i, c in enumerate(configs):
                 run = _Run(p, c, max_iters, tol)
                 run.advance(*(t.clone() for t in first))  # each result owns its factors
-                while not run.done:
-                    run.advance(*lowrank(run.residual(), rank, seed=seed, exact=exact_svd,
-                                         warm=run.warm if warm_start else None))
-                finish(i, run.best)
+                finish(i, _finish(run, rank, seed, exact_svd, warm_start))
             return out
         size = batch_size(p.W.shape, len(configs), max_batch)
         for chunk in chunks(len(configs), size):
@@ -140,9 +108,10 @@ def decompose_many(w: Tensor, configs: Sequence[QuantConfig], rank: int, *,
                 if not runs:
                     break
                 live = list(runs.values())
-                l1, l2, v = _lowrank_stack(
-                    torch.stack([r.residual() for r in live]), rank, seed, exact_svd,
-                    [r.warm for r in live] if warm_start else None)
+                l1, l2, v = lowrank(
+                    torch.stack([r.residual() for r in live]), rank, seed=seed,
+                    exact=exact_svd,
+                    warm=torch.stack([r.warm for r in live]) if warm_start else None)
                 for b, run in enumerate(live):
                     run.advance(l1[b], l2[b], v[b])
     return out

@@ -115,26 +115,38 @@ def fisher_scales(fisher: Tensor):
 
 def lowrank(r: Tensor, rank: int, *, seed: int = 0, exact: bool = False,
             warm: Optional[Tensor] = None, oversample: int = 10, niter: int = 2):
-    """Rank-``rank`` factors of ``r`` as ``(U sqrt(S) [m, rank], sqrt(S) V^T [rank, n], V)``.
+    """Rank-``rank`` factors of ``r [..., m, n]`` as ``(U sqrt(S) [..., m, rank],
+    sqrt(S) V^T [..., rank, n], V [..., n, rank])``, one call for any batch.
 
-    ``warm [n, rank]``: a previous right subspace to continue from (no extra power iteration).
+    ``warm [..., n, rank]``: previous right subspaces to continue from (no extra power
+    iteration); every batch entry gets the same fresh columns.
     """
     if exact:
         u, s, vh = torch.linalg.svd(r, full_matrices=False)
-        u, s, v = u[:, :rank], s[:rank], vh[:rank].t()
+        u, s, v = u[..., :rank], s[..., :rank], vh[..., :rank, :].mT
     else:
         init = None
-        k = min(rank + oversample, *r.shape)
+        m, n = r.shape[-2:]
+        k = min(rank + oversample, m, n)
         if warm is not None:
             gen = torch.Generator().manual_seed(seed + 1)
-            fresh = torch.randn(r.shape[1], k - rank, generator=gen, dtype=r.dtype)
-            init = torch.cat([warm, fresh.to(r.device)], dim=1)
+            fresh = torch.randn(n, k - rank, generator=gen, dtype=r.dtype).to(r.device)
+            init = torch.cat([warm, fresh.expand(*warm.shape[:-2], n, k - rank)], dim=-1)
             # The previous subspace already went through every earlier iteration's power
             # steps: continuing it with one sketch (no extra power iteration) is enough.
             niter = 0
         u, s, v = ops.rsvd(r, rank, oversample, niter, seed, init)
     rs = s.clamp_min(0).sqrt()
-    return u * rs, rs[:, None] * v.t(), v
+    return u * rs.unsqueeze(-2), rs.unsqueeze(-1) * v.mT, v
+
+
+def check_settings(who: str, max_iters, threads) -> None:
+    """The loop settings ``decompose`` and ``decompose_many`` share, refused by name."""
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"{who}: max_iters must be an integer >= 1, got {max_iters!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"{who}: threads must be None or an integer >= 1, got {threads!r}")
 
 
 def decompose(w: Tensor, config: QuantConfig, rank: int, *, fisher: Optional[Tensor] = None,
@@ -155,11 +167,7 @@ def decompose(w: Tensor, config: QuantConfig, rank: int, *, fisher: Optional[Ten
     _check(w, rank, fisher)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"decompose: config must be a QuantConfig, got {type(config).__name__}")
-    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-        raise ValueError(f"decompose: max_iters must be an integer >= 1, got {max_iters!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"decompose: threads must be None or an integer >= 1, got {threads!r}")
+    check_settings("decompose", max_iters, threads)
     with intra_op_threads(threads):
         return _decompose(w, config, rank, fisher, max_iters, seed, exact_svd, tol, warm_start)
 
@@ -245,7 +253,11 @@ def _decompose(w, config, rank, fisher, max_iters, seed, exact_svd, tol, warm_st
     p = _Problem(w, fisher)
     if rank == 0:
         return _rank0(p, config)
-    run = _Run(p, config, max_iters, tol)
+    return _finish(_Run(p, config, max_iters, tol), rank, seed, exact_svd, warm_start)
+
+
+def _finish(run: "_Run", rank, seed, exact_svd, warm_start) -> Decomposition:
+    """Run one config's loop to its end, one low-rank step per iteration."""
     while not run.done:
         run.advance(*lowrank(run.residual(), rank, seed=seed, exact=exact_svd,
                              warm=run.warm if warm_start else None))
