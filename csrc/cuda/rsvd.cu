@@ -13,7 +13,7 @@
 // Brent-Luk round-robin pairing. A sweep is kp - 1 rounds; in a round the kp / 2 pairs
 // (p, q) are disjoint, so their rotations commute and are applied together: thread i of
 // the first kp / 2 computes pair i's (p, q) and (c, s) from the round's G into shared
-// memory, then warp w rotates the rows of pairs w, w + 4, ... (G <- J^T G, and the
+// memory, then warp w rotates the rows of pairs w, w + 8, ... (G <- J^T G, and the
 // eigenvector rows), its lanes the elements of a row, then the columns (G <- G J) the same
 // way; each element is written by exactly one thread. The pair and element indices come
 // from the warp and lane numbers, not from dividing a flat thread index: the divisions and
@@ -41,6 +41,79 @@ __device__ __forceinline__ void round_pair(int round, int i, int kp, int& p, int
   q = a < b ? b : a;
 }
 
+// Plane rotation x' = c x - s y, y' = s x + c y of the kp-element rows (x, y) and (vx, vy),
+// lane j taking elements j, j + 32, ... With kE > 0 (kp <= 32 kE) all of a lane's loads are
+// issued before its first store, so a pair costs one shared-memory (or L2) latency instead
+// of one per element; kE = 0 loops over any kp. Same arithmetic per element either way.
+template <int kE>
+__device__ __forceinline__ void rotate_rows(double* x, double* y, double* vx, double* vy, int kp,
+                                            int lane, double c, double s) {
+  if constexpr (kE > 0) {
+    double xe[kE], ye[kE], vxe[kE], vye[kE];
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const int j = lane + 32 * e;
+      if (j < kp) {
+        xe[e] = x[j];
+        ye[e] = y[j];
+        vxe[e] = vx[j];
+        vye[e] = vy[j];
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const int j = lane + 32 * e;
+      if (j < kp) {
+        x[j] = c * xe[e] - s * ye[e];
+        y[j] = s * xe[e] + c * ye[e];
+        vx[j] = c * vxe[e] - s * vye[e];
+        vy[j] = s * vxe[e] + c * vye[e];
+      }
+    }
+  } else {
+    for (int j = lane; j < kp; j += 32) {
+      const double xj = x[j], yj = y[j];
+      x[j] = c * xj - s * yj;
+      y[j] = s * xj + c * yj;
+      const double vxj = vx[j], vyj = vy[j];
+      vx[j] = c * vxj - s * vyj;
+      vy[j] = s * vxj + c * vyj;
+    }
+  }
+}
+
+// The same for columns p, q of the row-major [kp, kp] matrix: x = &a[p], y = &a[q], element
+// j at offset j * kp.
+template <int kE>
+__device__ __forceinline__ void rotate_cols(double* x, double* y, int kp, int lane, double c,
+                                            double s) {
+  if constexpr (kE > 0) {
+    double xe[kE], ye[kE];
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const int j = lane + 32 * e;
+      if (j < kp) {
+        xe[e] = x[j * kp];
+        ye[e] = y[j * kp];
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const int j = lane + 32 * e;
+      if (j < kp) {
+        x[j * kp] = c * xe[e] - s * ye[e];
+        y[j * kp] = s * xe[e] + c * ye[e];
+      }
+    }
+  } else {
+    for (int j = lane; j < kp; j += 32) {
+      const double xj = x[j * kp], yj = y[j * kp];
+      x[j * kp] = c * xj - s * yj;
+      y[j * kp] = s * xj + c * yj;
+    }
+  }
+}
+
 // One block per matrix. kShared: the working copy of G in shared memory (kp <=
 // kJacobiMaxSharedOrder), else in `work` after the eigenvector rows.
 template <bool kShared>
@@ -48,6 +121,7 @@ __global__ void __launch_bounds__(kJacobiThreads)
     jacobi_eigh_kernel(const double* __restrict__ g, int k, double* __restrict__ evals,
                        double* __restrict__ evecs, double* __restrict__ work) {
   constexpr int kMaxPairs = (kShared ? kJacobiMaxSharedOrder : kJacobiMaxOrder) / 2;
+  constexpr int kLaneElems = kShared ? (kJacobiMaxSharedOrder + 31) / 32 : 0;
   __shared__ double g_shared[kShared ? kJacobiMaxSharedOrder * kJacobiMaxSharedOrder : 1];
   __shared__ double cs[kMaxPairs];
   __shared__ double sn[kMaxPairs];
@@ -110,34 +184,16 @@ __global__ void __launch_bounds__(kJacobiThreads)
       for (int i = warp; i < half; i += nwarps) {
         const double s = sn[i];
         if (s == 0.0) continue;  // uniform over the warp
-        const double c = cs[i];
         const int p = pp[i], q = qq[i];
-        double* ap = a + p * kp;
-        double* aq = a + q * kp;
-        double* vp = vt + p * kp;
-        double* vq = vt + q * kp;
-        for (int j = lane; j < kp; j += 32) {
-          const double x = ap[j], y = aq[j];
-          ap[j] = c * x - s * y;
-          aq[j] = s * x + c * y;
-          const double vx = vp[j], vy = vq[j];
-          vp[j] = c * vx - s * vy;
-          vq[j] = s * vx + c * vy;
-        }
+        rotate_rows<kLaneElems>(a + p * kp, a + q * kp, vt + p * kp, vt + q * kp, kp, lane,
+                                cs[i], s);
       }
       __syncthreads();
       // Columns p, q of J^T G.
       for (int i = warp; i < half; i += nwarps) {
         const double s = sn[i];
         if (s == 0.0) continue;
-        const double c = cs[i];
-        const int p = pp[i], q = qq[i];
-        for (int j = lane; j < kp; j += 32) {
-          double* row = a + j * kp;
-          const double x = row[p], y = row[q];
-          row[p] = c * x - s * y;
-          row[q] = s * x + c * y;
-        }
+        rotate_cols<kLaneElems>(a + pp[i], a + qq[i], kp, lane, cs[i], s);
       }
       __syncthreads();
       // The rotation annihilates g_pq; what is left there is rounding (Rutishauser).
