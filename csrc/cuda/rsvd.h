@@ -17,7 +17,7 @@ namespace lqlora::cuda {
 // global-memory copy (jacobi_workspace_doubles); beyond that the glue uses ATen's eigh.
 constexpr int kJacobiMaxSharedOrder = 76;
 constexpr int kJacobiMaxOrder = 1024;
-constexpr int kJacobiThreads = 256;  // 8 warps: at most 5 of the 38 pairs each (k <= 76)
+constexpr int kJacobiThreads = 512;  // 16 warps: at most 3 of the 38 pairs each (k <= 76)
 constexpr int kJacobiMaxSweeps = 40;
 
 LQ_HD int jacobi_padded_order(int k) { return k + (k & 1); }
