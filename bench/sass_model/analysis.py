@@ -45,6 +45,8 @@ PIPES = {
              "LEA", "MOV", "MOV32I", "IABS", "BMSK", "SGXT", "PLOP3", "P2R", "R2P", "FCHK",
              "I2FP", "F2FP", "CS2R", "HSETP2", "HMNMX2", "VOTE", "ISCADD", "BFE", "BFI",
              "IMNMX", "CSET", "CSETP"), 2.0),
+    # fp64 add/mul/fma and compares: 64 lanes per clock per SM on GH100 (guide, cc 9.0)
+    "fp64": (("DFMA", "DMUL", "DADD", "DSETP", "DMNMX"), 2.0),
     "xu": (("MUFU", "F2F", "F2I", "I2F", "FRND", "POPC", "FLO", "BREV", "I2I", "F2IP"), 0.5),
     "lsu": (("LDS", "STS", "LDSM", "LDG", "STG", "LD", "ST", "LDL", "STL", "ATOM", "ATOMS",
              "ATOMG", "RED", "SHFL", "LDGSTS", "MATCH", "REDUX", "CCTL"), 1.0),
@@ -60,7 +62,7 @@ _CONTROL = {"BRA", "BRX", "JMP", "JMX", "CALL", "RET", "EXIT", "BSSY", "BSYNC", 
 
 # Reported instruction classes (the breakdown); one class per instruction.
 CLASSES = ("lds", "sts", "ldg", "stg", "local", "shfl", "fma", "hfma2", "imad", "int",
-           "conv", "mufu", "mma", "branch", "sync", "uniform", "const", "other")
+           "conv", "mufu", "mma", "fp64", "branch", "sync", "uniform", "const", "other")
 
 
 def pipe_of(ins: Instr) -> str:
@@ -101,6 +103,8 @@ def class_of(ins: Instr) -> str:
         return "conv"
     if op in ("HMMA", "IMMA", "HGMMA", "DMMA", "BMMA"):
         return "mma"
+    if op in ("DFMA", "DMUL", "DADD", "DSETP", "DMNMX"):
+        return "fp64"
     if op in ("BRA", "BRX", "JMP", "JMX", "CALL", "RET", "EXIT", "BSSY", "BSYNC", "KILL"):
         return "branch"
     if op in ("BAR", "WARPSYNC", "ENDCOLLECTIVE", "DEPBAR", "MEMBAR", "ERRBAR", "FENCE"):

@@ -816,6 +816,172 @@ def unpack_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
     return Launch(grid, 256, params, grid * 8.0, ctx.N * ctx.K, sum(det.values()), det, trips)
 
 
+# ------------------------------------------------------------------ jacobi_eigh_kernel
+JACOBI_PARAMS = (("g", PTR, 8), ("k", INT, 4), ("evals", PTR, 8), ("evecs", PTR, 8),
+                 ("work", PTR, 8))
+K_JACOBI_THREADS = 512       # rsvd.h kJacobiThreads
+K_JACOBI_MAX_SHARED = 76     # rsvd.h kJacobiMaxSharedOrder
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobiCtx:
+    """One eigensolver launch, or one of its phases (see ``jacobi_launch``): ``batch``
+    matrices of order ``k``; ``phase`` "outside" (everything but the sweeps), "rotating"
+    (one sweep whose every round rotates, ``pair_fraction`` of the pairs in each) or
+    "quiet" (one sweep whose rounds all stop after the pair pass)."""
+
+    batch: int
+    k: int
+    phase: str = "outside"
+    pair_fraction: float = 1.0
+    t: Tuple = ()
+
+    @property
+    def kp(self) -> int:
+        return self.k + (self.k & 1)
+
+
+def jacobi_loops(loops: List[Loop], blocks: List[Block], instrs: Sequence[Instr]) -> Dict[str, object]:
+    """Roles of the kernel's loops, from their SASS (rsvd.cu's structure): the sweep loop is
+    the outermost loop holding barriers, the round loop its child; the round loop's children
+    in address order are the pair pass (MUFU: sqrt, reciprocal), the row rotations and the
+    column rotations (DFMA; a nested element loop unless unrolled) and the zeroing of g_pq
+    (no DFMA). Loops before the sweep loop fill the working copy (global loads of g) or take
+    max |g_ii| (DSETP, no stores); loops after it sort (DSETP: counting; stores: copying)."""
+    infos = loop_infos(loops, blocks, instrs)
+    roles: Dict[str, object] = {"init": [], "dmax": [], "count": [], "copy": []}
+    sweep = next((i for i in infos if loops[i.index].parent is None and _has(i.ops, "BAR")), None)
+    if sweep is None:
+        raise ValueError("jacobi_eigh_kernel: no loop with barriers (the kernel changed: update "
+                         "bench/sass_model/kernels.py)")
+    rnd = next(i for i in infos if loops[i.index].parent == sweep.index)
+    kids = sorted((infos[c] for c in loops[rnd.index].children), key=lambda i: i.addr)
+    pair = next(i for i in kids if _has(i.own_ops, "MUFU"))
+    dfma = [i for i in kids if _has(i.ops, "DFMA") and i is not pair]
+    zero = [i for i in kids if not _has(i.ops, "DFMA") and i is not pair]
+    if len(dfma) != 2 or len(zero) != 1:
+        raise ValueError("jacobi_eigh_kernel: expected a row and a column rotation loop and a "
+                         "zeroing loop in the round loop (the kernel changed)")
+    roles.update(sweep=sweep.index, round=rnd.index, pair=pair.index, rows=dfma[0].index,
+                 cols=dfma[1].index, zero=zero[0].index)
+    for i in infos:
+        if loops[i.index].parent is not None or i.index == sweep.index:
+            continue
+        before = i.addr < sweep.addr
+        stores = _has(i.own_ops, "STG") + _has(i.own_ops, "STS")
+        if before:
+            roles["init" if stores else "dmax"].append(i.index)
+    for i in infos:
+        if i.addr < sweep.addr or i.index == sweep.index or loops[i.index].parent == sweep.index:
+            continue
+        if loops[i.index].parent is not None and loops[loops[i.index].parent].parent is None \
+                and infos[loops[i.index].parent].addr > sweep.addr:
+            roles["copy" if _has(i.own_ops, "STG") else "count"].append(i.index)
+    return roles
+
+
+def jacobi_launch(spec: KernelSpec, ctx: "JacobiCtx") -> Launch:
+    """Trips per warp (16 warps of 32 threads; kp = k rounded up to even, h = kp / 2 pairs):
+    - fill: idx = tid .. kp^2 step 128; dmax: k diagonal reads (every thread);
+    - per sweep kp - 1 rounds; pair pass: i = tid .. h step 128 (warps holding a pair: 1
+      trip); rows and columns: warp w takes pairs w, w + 16, ... (ceil((h - w) / 16)), its
+      lanes the elements j = lane .. kp step 32 (the shared-memory variant unrolls them
+      completely; the global one loops ceil(kp / 32) times, in copies unrolled by the loads
+      in their bodies); zeroing like the pair pass;
+    - sort: i = tid .. k (one trip for the warps holding an eigenvalue), each counting over
+      k and copying k eigenvector entries.
+    Branch weights: in the rotating phase a pair is skipped with probability 1 -
+    pair_fraction (the ``continue`` over the rotation body; the pair pass's ``if (!skip)``),
+    and no round stops after its pair pass; in the quiet phase every round does."""
+    k, kp = ctx.k, ctx.kp
+    h = kp // 2
+    nt, nw = K_JACOBI_THREADS, K_JACOBI_THREADS // 32
+    params = param_words(spec.params, {"g": DUMMY_PTR, "k": k, "evals": DUMMY_PTR,
+                                       "evecs": DUMMY_PTR, "work": DUMMY_PTR},
+                         {"ntid.x": nt, "ntid.y": 1, "ntid.z": 1, "nctaid.x": ctx.batch,
+                          "nctaid.y": 1, "nctaid.z": 1})
+    det = {"g fp64": ctx.batch * k * k * 8.0, "evals + evecs": ctx.batch * (k + k * k) * 8.0}
+    if ctx.phase == "outside":
+        det["eigenvector rows (init)"] = ctx.batch * kp * kp * 8.0
+    warps_busy = lambda n: sum(1 for w in range(nw) if w * 32 < n) / nw  # noqa: E731
+    per_warp_pairs = [math.ceil(max(0, h - w) / nw) for w in range(nw)]
+    roles_of: Dict[int, str] = {}  # branch address -> what decides it (find_roles)
+
+    def find_roles(instrs) -> Dict[int, str]:
+        # called before the branch decisions (Launch.load_levels), which need the roles;
+        # every load keeps the kernel's level. The branches the phase decides: in the pair,
+        # row, column and zeroing loops the one that skips the most code (the pair's
+        # ``if (!skip)`` / ``continue``; the others guard elements or slow paths), in the
+        # round loop the one that skips its barriers.
+        from .sass import build_cfg, find_loops, innermost_loop_of
+
+        blocks = build_cfg(instrs)
+        loops = find_loops(blocks)
+        r = jacobi_loops(loops, blocks, instrs)
+        inner = innermost_loop_of(blocks, loops)
+        best: Dict[int, Tuple[int, int]] = {}
+        for b in blocks:
+            last = instrs[b.end - 1]
+            t = last.branch_target()
+            if last.op != "BRA" or not last.pred or t is None or t <= last.addr:
+                continue
+            j = inner[b.index]
+            skipped = [x for x in instrs if last.addr < x.addr < t]
+            if j == r["round"]:
+                if any(x.op == "BAR" for x in skipped):
+                    roles_of[last.addr] = "round"
+            elif j in (r["pair"], r["rows"], r["cols"], r["zero"]):
+                if len(skipped) > best.get(j, (-1, 0))[0]:
+                    best[j] = (len(skipped), last.addr)
+        for j, (_, addr) in best.items():
+            roles_of[addr] = "pair" if j == r["pair"] else "rotation"
+        return {}
+
+    def trips(loops, blocks, instrs, reached):
+        r = jacobi_loops(loops, blocks, instrs)
+        avg = [1.0] * len(loops)
+        mx = [1.0] * len(loops)
+        infos = loop_infos(loops, blocks, instrs)
+
+        def unrolled(indices, n):
+            copies = [max(1, _has(infos[j].own_ops, "LDG") + _has(infos[j].own_ops, "LDS"))
+                      for j in indices]
+            for j, u in zip(indices, copies):
+                avg[j] = mx[j] = unrolled_trips(n, u, copies)
+
+        unrolled(r["init"], math.ceil(kp * kp / nt))
+        unrolled(r["dmax"], k)
+        sweeps = 0.0 if ctx.phase == "outside" else 1.0
+        avg[r["sweep"]] = mx[r["sweep"]] = sweeps
+        avg[r["round"]] = mx[r["round"]] = kp - 1.0
+        for j in (r["pair"], r["zero"]):
+            avg[j], mx[j] = warps_busy(h), 1.0
+        for j in (r["rows"], r["cols"]):
+            avg[j], mx[j] = sum(per_warp_pairs) / nw, float(max(per_warp_pairs))
+        for d in (r["rows"], r["cols"]):
+            unrolled(list(loops[d].children), math.ceil(kp / 32))
+        sort_outer = {loops[j].parent for j in r["count"] + r["copy"]}
+        for j in sort_outer:
+            avg[j], mx[j] = warps_busy(k), 1.0
+        unrolled(r["count"], k)
+        unrolled(r["copy"], k)
+        return avg, mx, r["round"]
+
+    def hint(info) -> Optional[float]:
+        role = roles_of.get(info.instr.addr)
+        quiet = ctx.phase == "quiet"
+        if role == "round":  # if (!__syncthreads_or(any)) continue
+            return 1.0 if quiet else 0.0
+        if role == "pair":  # if (!skip) { ... }
+            return 1.0 if quiet else 1.0 - ctx.pair_fraction
+        if role == "rotation":  # if (s == 0.0) continue
+            return 1.0 - ctx.pair_fraction
+        return None
+
+    return Launch(ctx.batch, nt, params, ctx.batch * float(nw), ctx.batch * float(k * k),
+                  sum(det.values()), det, trips, hint=hint, load_levels=find_roles)
+
+
 KERNELS: Dict[str, KernelSpec] = {
     "qmatmul_fast_kernel": KernelSpec("qmatmul_fast_kernel", ("Bits", "XT", "MT", "R"),
                                       FAST_PARAMS, fast_launch, ldg_level="l2"),
@@ -831,6 +997,9 @@ KERNELS: Dict[str, KernelSpec] = {
                                     dq_launch, ldg_level="dram"),
     "unpack_scales_kernel": KernelSpec("unpack_scales_kernel", (), UNPACK_PARAMS,
                                        unpack_launch, ldg_level="dram"),
+    # the eigenvector rows live in global memory, written and re-read by the same block
+    "jacobi_eigh_kernel": KernelSpec("jacobi_eigh_kernel", ("kShared",), JACOBI_PARAMS,
+                                     jacobi_launch, ldg_level="l2"),
 }
 
 CXX_TYPE = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}

@@ -62,8 +62,8 @@ _CACHE: Dict[Tuple, A.KernelAnalysis] = {}
 
 def _analyze(kernel: Kernel, spec, la: Launch, ctx: Ctx, params: dict) -> A.KernelAnalysis:
     uses_m = any(f[0] == "M" for f in spec.params)  # else M only matters through the params
-    key = (kernel.mangled, tuple(sorted(params.items(), key=str)),
-           ctx if uses_m else dataclasses.replace(ctx, M=0))
+    key = (kernel.mangled, hash(kernel.section), tuple(sorted(params.items(), key=str)),
+           ctx if uses_m or not hasattr(ctx, "M") else dataclasses.replace(ctx, M=0))
     an = _CACHE.get(key)
     if an is None:
         lv = la.load_levels(kernel.instrs) if la.load_levels else None
