@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from sass_cost_model import atomic_write  # noqa: E402
+from sass_cost_model import atomic_write, load_module  # noqa: E402
 from sass_model import hw, module, rsvd  # noqa: E402
 
 RANK, OVERSAMPLE = 64, 10
@@ -44,12 +44,9 @@ LLAMA7B = [("attention q/k/v/o", 4096, 4096, 4 * 32), ("mlp gate/up", 11008, 409
 
 
 def load_index(so: str):
-    cu = module.find_tool("cuobjdump")
-    if cu is None:
-        raise module.ToolError("cuobjdump not found: install the CUDA toolkit or "
-                               "`pip install nvidia-cuda-cuobjdump`")
-    ks = module.load_kernels(module.dump_sass(cu, so, "sm_90a"), module.dump_res_usage(cu, so, "sm_90a"))
-    return module.index(ks)
+    """The module's (or cubin's) sm_90a kernels by (family, template arguments)."""
+    kernels, _ = load_module(argparse.Namespace(sass=None, res=None, so=so, arch="sm_90a"))
+    return module.index(kernels)
 
 
 def jacobi_rows(ix, st: Dict[str, rsvd.JacobiStats], label: str) -> List[dict]:

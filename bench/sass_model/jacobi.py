@@ -14,7 +14,6 @@ Needs torch (unlike the rest of sass_model).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 EPS = 2.220446049250313e-16  # rsvd.cu kEps (DBL_EPSILON)
 MAX_SWEEPS = 40              # rsvd.h kJacobiMaxSweeps

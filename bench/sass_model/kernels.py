@@ -865,11 +865,8 @@ def jacobi_loops(loops: List[Loop], blocks: List[Block], instrs: Sequence[Instr]
     roles.update(sweep=sweep.index, round=rnd.index, pair=pair.index, rows=dfma[0].index,
                  cols=dfma[1].index, zero=zero[0].index)
     for i in infos:
-        if loops[i.index].parent is not None or i.index == sweep.index:
-            continue
-        before = i.addr < sweep.addr
-        stores = _has(i.own_ops, "STG") + _has(i.own_ops, "STS")
-        if before:
+        if loops[i.index].parent is None and i.addr < sweep.addr:
+            stores = _has(i.own_ops, "STG") + _has(i.own_ops, "STS")
             roles["init" if stores else "dmax"].append(i.index)
     for i in infos:
         if i.addr < sweep.addr or i.index == sweep.index or loops[i.index].parent == sweep.index:
@@ -882,8 +879,8 @@ def jacobi_loops(loops: List[Loop], blocks: List[Block], instrs: Sequence[Instr]
 
 def jacobi_launch(spec: KernelSpec, ctx: "JacobiCtx") -> Launch:
     """Trips per warp (16 warps of 32 threads; kp = k rounded up to even, h = kp / 2 pairs):
-    - fill: idx = tid .. kp^2 step 128; dmax: k diagonal reads (every thread);
-    - per sweep kp - 1 rounds; pair pass: i = tid .. h step 128 (warps holding a pair: 1
+    - fill: idx = tid .. kp^2 step 512; dmax: k diagonal reads (every thread);
+    - per sweep kp - 1 rounds; pair pass: i = tid .. h step 512 (warps holding a pair: 1
       trip); rows and columns: warp w takes pairs w, w + 16, ... (ceil((h - w) / 16)), its
       lanes the elements j = lane .. kp step 32 (the shared-memory variant unrolls them
       completely; the global one loops ceil(kp / 32) times, in copies unrolled by the loads
@@ -906,6 +903,7 @@ def jacobi_launch(spec: KernelSpec, ctx: "JacobiCtx") -> Launch:
     warps_busy = lambda n: sum(1 for w in range(nw) if w * 32 < n) / nw  # noqa: E731
     per_warp_pairs = [math.ceil(max(0, h - w) / nw) for w in range(nw)]
     roles_of: Dict[int, str] = {}  # branch address -> what decides it (find_roles)
+    loop_roles: Dict[str, object] = {}  # jacobi_loops of the kernel (find_roles)
 
     def find_roles(instrs) -> Dict[int, str]:
         # called before the branch decisions (Launch.load_levels), which need the roles;
@@ -918,7 +916,9 @@ def jacobi_launch(spec: KernelSpec, ctx: "JacobiCtx") -> Launch:
         blocks = build_cfg(instrs)
         loops = find_loops(blocks)
         r = jacobi_loops(loops, blocks, instrs)
+        loop_roles.update(r)
         inner = innermost_loop_of(blocks, loops)
+        index_of = {x.addr: i for i, x in enumerate(instrs)}
         best: Dict[int, Tuple[int, int]] = {}
         for b in blocks:
             last = instrs[b.end - 1]
@@ -926,7 +926,7 @@ def jacobi_launch(spec: KernelSpec, ctx: "JacobiCtx") -> Launch:
             if last.op != "BRA" or not last.pred or t is None or t <= last.addr:
                 continue
             j = inner[b.index]
-            skipped = [x for x in instrs if last.addr < x.addr < t]
+            skipped = instrs[b.end:index_of.get(t, b.end)]
             if j == r["round"]:
                 if any(x.op == "BAR" for x in skipped):
                     roles_of[last.addr] = "round"
@@ -938,7 +938,7 @@ def jacobi_launch(spec: KernelSpec, ctx: "JacobiCtx") -> Launch:
         return {}
 
     def trips(loops, blocks, instrs, reached):
-        r = jacobi_loops(loops, blocks, instrs)
+        r = loop_roles  # the analysis builds the same loops from the same SASS
         avg = [1.0] * len(loops)
         mx = [1.0] * len(loops)
         infos = loop_infos(loops, blocks, instrs)

@@ -19,13 +19,13 @@ it. Timing per step, in eager mode (the op syncs, so it is never graph-captured)
 from __future__ import annotations
 
 import dataclasses
-import math
+import statistics
 from typing import Dict, List, Optional, Sequence
 
 from . import model
 from .analysis import Counts
 from .hw import Device, KernelTime, elementwise_time, kernel_time
-from .kernels import JacobiCtx
+from .kernels import K_JACOBI_MAX_SHARED, JacobiCtx
 from .paths import Step, _kernel
 
 # Datasheet (H100 SXM5; the H200 SXM has the same SMs and clocks): FP32 67 TFLOPS, FP64
@@ -70,7 +70,7 @@ def ew(dev: Device, name: str, nbytes: float) -> Step:
     return Step(name, elementwise_time(dev, nbytes, graph=False), nbytes)
 
 
-def solver(dev: Device, name: str) -> Step:
+def solver(name: str) -> Step:
     return Step(name, KernelTime({"solver": SOLVER_US}, 0.0, SOLVER_US, "solver"), 0.0)
 
 
@@ -93,8 +93,8 @@ def orthonormal(dev: Device, B: int, rows: int, k: int) -> List[Step]:
     out: List[Step] = []
     for p in (1, 2):
         out.append(gemm(dev, "gram", B, k, k, rows, 8))
-        out.append(solver(dev, f"cholesky_ex #{p} (potrf, batched {B}x{k}x{k})"))
-        out.append(solver(dev, f"solve_triangular #{p} (trsm, {B}x{rows}x{k})"))
+        out.append(solver(f"cholesky_ex #{p} (potrf, batched {B}x{k}x{k})"))
+        out.append(solver(f"solve_triangular #{p} (trsm, {B}x{rows}x{k})"))
     out += [ew(dev, n, TINY) for n in ("eye", "sub", "abs", "amax", "ne", "ne", "logical_or",
                                         "logical_or", "le", "logical_not", "any")]
     out.append(sync("bad.any().item()"))
@@ -121,7 +121,8 @@ class JacobiStats:
 def jacobi_step(ix, dev: Device, B: int, k: int, st: JacobiStats) -> Step:
     """The eigensolver launch: the per-warp counts and path of its three phases (outside
     the sweeps, a rotating sweep, a quiet sweep) combined by the rounds of each kind."""
-    kern = _kernel(ix, "jacobi_eigh_kernel", ("true",) if k + (k & 1) <= 76 else ("false",))
+    shared = k + (k & 1) <= K_JACOBI_MAX_SHARED
+    kern = _kernel(ix, "jacobi_eigh_kernel", ("true" if shared else "false",))
     kp1 = k + (k & 1) - 1
     res = {ph: model.run(kern, JacobiCtx(B, k, ph, st.pair_fraction), dev, graph=False)
            for ph in ("outside", "rotating", "quiet")}
@@ -138,7 +139,7 @@ def jacobi_step(ix, dev: Device, B: int, k: int, st: JacobiStats) -> Step:
     la = base.launch
     kt = kernel_time(dev, la.grid, la.threads, counts, la.warps_total, la.dram_bytes, cycles,
                      base.resident_blocks, graph=False)
-    return Step(f"jacobi_eigh_kernel<{k + (k & 1) <= 76}> ({B} blocks, {st.rotating_rounds:.0f}"
+    return Step(f"jacobi_eigh_kernel<{str(shared).lower()}> ({B} blocks, {st.rotating_rounds:.0f}"
                 f" rotating + {st.quiet_rounds:.0f} quiet rounds)", kt, la.dram_bytes, base)
 
 
@@ -298,13 +299,8 @@ def svd_lowrank_gemm_floor(dev: Device, m: int, n: int, q: int, niter: int) -> f
     return total_us(steps)
 
 
-def mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else math.nan
-
-
 def stats_from(records: Sequence[dict]) -> Optional[JacobiStats]:
     if not records:
         return None
-    return JacobiStats(mean([r["rotating_rounds"] for r in records]),
-                       mean([r["quiet_rounds"] for r in records]),
-                       mean([r["pair_fraction"] for r in records]))
+    return JacobiStats(*(statistics.fmean(r[f] for r in records)
+                         for f in ("rotating_rounds", "quiet_rounds", "pair_fraction")))
