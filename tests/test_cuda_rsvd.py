@@ -156,14 +156,16 @@ def test_batch_dims_match_per_entry_runs(be, dt):
     before = emu.stats() if be.name == "emu" else None
     u, s, v = be.rsvd(a, rank, seed=5)
     if before is not None:
-        # The glue's only kernel: the batched eigensolver, one launch, one block per matrix.
+        # The glue's two kernels: the sketch (256 threads, one per pair of elements), then
+        # the batched eigensolver, one block per matrix.
         after = emu.stats()
-        assert after["launches"] - before["launches"] == 1
-        assert after["blocks"] - before["blocks"] == math.prod(batch)
+        assert after["launches"] - before["launches"] == 2
+        sketch_blocks = math.ceil(math.prod(batch) * n * k / 2 / 256)
+        assert after["blocks"] - before["blocks"] == sketch_blocks + math.prod(batch)
     assert (u.shape, s.shape, v.shape) == ((*batch, m, rank), (*batch, rank), (*batch, n, rank))
     # The op's sketch for seed 5, drawn as the op draws it; entry (i, j) run alone with its
     # slice as `init` gives the same factors up to rounding.
-    omega = torch.randn(*batch, n, k, generator=torch.Generator().manual_seed(5), dtype=dt)
+    omega = CPU.rsvd_sketch(a, k, 5)
     tol = 1e-4 if dt == torch.float32 else 1e-11
     for i in range(batch[0]):
         for j in range(batch[1]):
@@ -309,6 +311,16 @@ def test_bad_input(be):
     init[2, 1] = float("inf")
     with pytest.raises(ValueError, match=r"init contains NaN/Inf; first at \[2, 1\]"):
         be.rsvd(a, 4, init=init)
+    # The check goes through Y = A Omega: an Inf alone in its row, a NaN beside zeros, and a
+    # finite input whose Y overflows float32 (named as such, with the largest entry).
+    for idx, val in (((15, 0), float("inf")), ((0, 15), float("-inf")), ((7, 7), float("nan"))):
+        bad = torch.zeros_like(a)
+        bad[idx] = val
+        with pytest.raises(ValueError, match=rf"input contains NaN/Inf; first at \[{idx[0]}, "
+                                             rf"{idx[1]}\]"):
+            be.rsvd(bad, 4)
+    with pytest.raises(ValueError, match=r"A @ Omega overflows Float .*3\.3\d*e\+38"):
+        be.rsvd(torch.full((16, 16), 3.3e38), 4)
 
 
 def test_empty_batch(be):

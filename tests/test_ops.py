@@ -512,3 +512,5 @@ def test_rsvd_rejects_bad_input():
     init[3, 0] = float("nan")
     with pytest.raises(ValueError, match=r"init contains NaN/Inf; first at \[3, 0\]"):
         ops.rsvd(torch.randn(20, 10), 2, 3, 2, 0, init)
+    with pytest.raises(ValueError, match=r"A @ Omega overflows Float"):
+        ops.rsvd(torch.full((20, 10), 3e38), 2)

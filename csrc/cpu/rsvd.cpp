@@ -1,8 +1,9 @@
 // Seeded randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 with QR-stabilized
 // power iterations), batched over leading dims. Written with ATen calls, so it is
-// registered as CompositeExplicitAutograd and runs wherever the inputs live; the sketch is
-// always drawn on the CPU from `seed` so the same inputs give the same factors on every
-// device.
+// registered as CompositeExplicitAutograd and runs wherever the inputs live. The sketch
+// (lqlora/gaussian.h) is drawn on the CPU here and moved to the input's device; devices with
+// their own kernel (CUDA) draw the same bits in place, so the same inputs give the same
+// sketch on every device.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -12,6 +13,18 @@
 namespace lqlora {
 namespace {
 
+// Draws the sketch on the CPU, then moves it to `device`.
+auto draw_on_cpu(const at::Device& device) {
+  return [device](at::IntArrayRef shape, at::ScalarType dtype, int64_t seed) {
+    return gaussian_sketch_cpu(shape, dtype, seed).to(device);
+  };
+}
+
+at::Tensor sketch_impl(const at::Tensor& a, int64_t k, int64_t seed) {
+  rsvd_sketch_check_args(a, k);
+  return draw_on_cpu(a.device())(rsvd_sketch_shape(a, k), a.scalar_type(), seed);
+}
+
 at::Tensor orthonormal(const at::Tensor& y) { return std::get<0>(at::linalg_qr(y, "reduced")); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor& a, int64_t rank,
@@ -20,10 +33,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor& a, in
                                                          const std::optional<at::Tensor>& init) {
   const NoAutocast no_autocast;
   const int64_t k = rsvd_check_args(a, rank, oversample, niter);
-  const at::Tensor omega = rsvd_sketch(a, k, seed, init);
+  const at::Tensor omega = rsvd_sketch(a, k, seed, init, draw_on_cpu(a.device()));
   rsvd_check_finite(a, "input");  // LAPACK would return NaN factors or fail obscurely
   const at::Tensor at_ = a.mT();
-  at::Tensor q = orthonormal(at::matmul(a, omega));
+  const at::Tensor y = at::matmul(a, omega);
+  rsvd_check_sketch_product(y, a, /*a_checked=*/true);
+  at::Tensor q = orthonormal(y);
   for (int64_t i = 0; i < niter; ++i) {
     q = orthonormal(at::matmul(a, orthonormal(at::matmul(at_, q))));
   }
@@ -34,6 +49,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor& a, in
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lqlora, CompositeExplicitAutograd, m) { m.impl("rsvd", &rsvd_impl); }
+TORCH_LIBRARY_IMPL(lqlora, CompositeExplicitAutograd, m) {
+  m.impl("rsvd", &rsvd_impl);
+  m.impl("rsvd_sketch", &sketch_impl);
+}
 
 }  // namespace lqlora

@@ -1,6 +1,7 @@
 // lqlora::rsvd on CUDA tensors (and lqlora_emu::rsvd on the SIMT emulator, backend.h): the
-// CPU op's algorithm (csrc/cpu/rsvd.cpp: same checks, the same CPU-drawn sketch from `seed`
-// or `init`, the same power iterations), with its two LAPACK-shaped steps replaced:
+// CPU op's algorithm (csrc/cpu/rsvd.cpp: same checks, the same sketch from `seed` or `init`,
+// the same power iterations), with the sketch drawn on the device (sketch.cu: the CPU's bits)
+// and its two LAPACK-shaped steps replaced:
 //   - orthonormalization of the tall-skinny sketches by CholeskyQR2 (Gram and triangular
 //     solve through ATen, i.e. cuBLAS/cuSOLVER, in fp64), falling back per batch entry to
 //     Householder QR when a Gram matrix is not numerically positive definite (rank-deficient
@@ -82,12 +83,32 @@ std::tuple<at::Tensor, at::Tensor> eigh_desc(const at::Tensor& g, const at::Devi
   return {evals, evecs};
 }
 
+// The Gaussian sketch (lqlora/gaussian.h) drawn on a's device.
+at::Tensor draw_sketch(at::IntArrayRef shape, at::ScalarType dtype, int64_t seed,
+                       const at::Device& device) {
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype).device(device));
+  const cudaError_t err =
+      launch_gaussian_sketch(static_cast<uint64_t>(seed), out.numel(), dtype == at::kDouble,
+                             out.data_ptr(), current_stream(device));
+  TORCH_CHECK(err == cudaSuccess, "lqlora.rsvd: CUDA kernel launch failed: ",
+              cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
+  return out;
+}
+
+at::Tensor sketch_cuda(const at::Tensor& a, int64_t k, int64_t seed) {
+  rsvd_sketch_check_args(a, k);
+  TORCH_CHECK_VALUE(on_backend(a), "lqlora.rsvd_sketch: expected ", kBackendDevice,
+                    " tensors, got the input on ", a.device());
+  c10::DeviceGuard guard(a.device());
+  return draw_sketch(rsvd_sketch_shape(a, k), a.scalar_type(), seed, a.device());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, int64_t rank,
                                                          int64_t oversample, int64_t niter,
                                                          int64_t seed,
                                                          const std::optional<at::Tensor>& init) {
   const NoAutocast no_autocast;
-  // The CPU op's checks, messages and sketch (lqlora/rsvd_args.h).
+  // The CPU op's checks, messages and sketch bits (lqlora/rsvd_args.h, lqlora/gaussian.h).
   const int64_t k = rsvd_check_args(a, rank, oversample, niter);
   TORCH_CHECK_VALUE(on_backend(a), "lqlora.rsvd: expected ", kBackendDevice,
                     " tensors, got the input on ", a.device());
@@ -95,8 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, in
   c10::DeviceGuard guard(a.device());
   const at::ScalarType dt = a.scalar_type();
   std::vector<int64_t> batch(a.sizes().begin(), a.sizes().end() - 2);
-  const at::Tensor omega = rsvd_sketch(a, k, seed, init);
-  rsvd_check_finite(a, "input");
+  const at::Tensor omega =
+      rsvd_sketch(a, k, seed, init, [&](at::IntArrayRef shape, at::ScalarType dtype, int64_t s) {
+        return draw_sketch(shape, dtype, s, a.device());
+      });
 
   auto shaped = [&](std::vector<int64_t> tail) {
     std::vector<int64_t> s = batch;
@@ -113,7 +136,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, in
   const at::Tensor at3 = a3.mT();
   // The sketches are multiplied in a's dtype (cuBLAS) and orthonormalized in fp64.
   auto orth = [&](const at::Tensor& y) { return orthonormal(y.to(at::kDouble)).to(dt); };
-  at::Tensor q = orth(at::matmul(a3, omega.reshape({B, n, k})));
+  // A is checked for NaN/Inf through Y = A Omega (lqlora/rsvd_args.h): exact, and it reads
+  // m k values instead of the m n of A.
+  const at::Tensor y = at::matmul(a3, omega.reshape({B, n, k}));
+  rsvd_check_sketch_product(y, a, /*a_checked=*/false);
+  at::Tensor q = orth(y);
   for (int64_t i = 0; i < niter; ++i) q = orth(at::matmul(a3, orth(at::matmul(at3, q))));
 
   const at::Tensor bd = at::matmul(q.mT(), a3).to(at::kDouble);  // B = Q^T A [B, k, n]
@@ -133,6 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, in
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(LQ_OPS_NAMESPACE, LQ_OPS_DISPATCH, m) { m.impl("rsvd", &rsvd_cuda); }
+TORCH_LIBRARY_IMPL(LQ_OPS_NAMESPACE, LQ_OPS_DISPATCH, m) {
+  m.impl("rsvd", &rsvd_cuda);
+  m.impl("rsvd_sketch", &sketch_cuda);
+}
 
 }  // namespace lqlora::cuda

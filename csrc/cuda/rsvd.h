@@ -1,5 +1,5 @@
-// Host launcher of the batched symmetric Jacobi eigensolver behind lqlora::rsvd on CUDA
-// (rsvd.cu; the glue is ops_rsvd.cpp). Torch-free, like launch.h: raw device pointers,
+// Host launchers of lqlora::rsvd's kernels on CUDA: the batched symmetric Jacobi eigensolver
+// (rsvd.cu) and the Gaussian sketch (sketch.cu); the glue is ops_rsvd.cpp. Torch-free, like launch.h: raw device pointers,
 // sizes and a stream in, the launch error out.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -38,5 +38,11 @@ LQ_HD int64_t jacobi_workspace_doubles(int k) {
 // batch * jacobi_workspace_doubles(k) doubles.
 cudaError_t launch_jacobi_eigh(const double* g, int64_t batch, int k, double* evals,
                                double* evecs, double* work, cudaStream_t stream);
+
+// Fills out[0, count) (float32, or float64 when fp64) with the Gaussian sketch of `seed`
+// (lqlora/gaussian.h: element t of the flat tensor, the same bits as the CPU draw).
+// sketch.cu.
+cudaError_t launch_gaussian_sketch(uint64_t seed, int64_t count, bool fp64, void* out,
+                                   cudaStream_t stream);
 
 }  // namespace lqlora::cuda

@@ -1,13 +1,16 @@
 // lqlora::rsvd's argument checks and sketch, shared by the CPU op (csrc/cpu/rsvd.cpp) and the
 // CUDA one (csrc/cuda/ops_rsvd.cpp), so that both refuse the same inputs with the same
-// messages and start from the same Gaussian sketch. Host-only.
+// messages and start from the same Gaussian sketch (lqlora/gaussian.h). Host-only.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <optional>
 #include <vector>
+
+#include "lqlora/gaussian.h"
 
 namespace lqlora {
 
@@ -25,6 +28,18 @@ inline void rsvd_check_finite(const at::Tensor& t, const char* what) {
                     at::IntArrayRef(pos));
 }
 
+// The first sketch product Y = A Omega [..., m, k] refused when not finite. NaN/Inf in A always
+// reach Y (x * Inf, x * NaN and Inf * 0 are all non-finite; Omega is finite), so with
+// `a_checked` false a finite Y proves A finite without reading A again, and a bad Y sends
+// the check back to A to name its first bad element. A finite A with a non-finite Y overflowed.
+inline void rsvd_check_sketch_product(const at::Tensor& y, const at::Tensor& a, bool a_checked) {
+  if (at::isfinite(y).all().item<bool>()) return;
+  if (!a_checked) rsvd_check_finite(a, "input");
+  TORCH_CHECK_VALUE(false, "lqlora.rsvd: the sketch product A @ Omega overflows ", y.scalar_type(),
+                    " (input entries up to ", a.abs().max().item<double>(),
+                    "); scale the input down or use float64");
+}
+
 // Checks a [..., m, n] input and the rank / oversampling / power-iteration counts; returns
 // the sketch width k = min(rank + oversample, m, n).
 inline int64_t rsvd_check_args(const at::Tensor& a, int64_t rank, int64_t oversample,
@@ -40,14 +55,35 @@ inline int64_t rsvd_check_args(const at::Tensor& a, int64_t rank, int64_t oversa
   return std::min(rank + oversample, std::min(m, n));
 }
 
-// The sketch Omega [..., n, k] on a's device in a's dtype: `init` (checked: shape, finite),
-// or Gaussian drawn on the CPU from `seed`, so the same seed gives the same sketch on every
-// device.
-inline at::Tensor rsvd_sketch(const at::Tensor& a, int64_t k, int64_t seed,
-                              const std::optional<at::Tensor>& init) {
+// The shape [..., n, k] of a [..., m, n]'s sketch.
+inline std::vector<int64_t> rsvd_sketch_shape(const at::Tensor& a, int64_t k) {
   std::vector<int64_t> sk(a.sizes().begin(), a.sizes().end() - 2);
   sk.push_back(a.size(-1));
   sk.push_back(k);
+  return sk;
+}
+
+// The Gaussian sketch of lqlora/gaussian.h drawn on the CPU: `shape`, float32 or float64.
+inline at::Tensor gaussian_sketch_cpu(at::IntArrayRef shape, at::ScalarType dtype, int64_t seed) {
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype));
+  const int64_t count = out.numel();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rsvd_sketch", [&] {
+    scalar_t* p = out.data_ptr<scalar_t>();
+    // Whole pairs per task (begin even): 2^13 pairs, ~0.1 ms of work.
+    at::parallel_for(0, (count + 1) / 2, int64_t{1} << 13, [&](int64_t lo, int64_t hi) {
+      gauss::fill_pairs(static_cast<uint64_t>(seed), 2 * lo, std::min(2 * hi, count), p);
+    });
+  });
+  return out;
+}
+
+// The sketch Omega [..., n, k] on a's device in a's dtype: `init` (checked: shape, finite),
+// or the Gaussian sketch of `seed` (lqlora/gaussian.h), drawn by `draw(shape, dtype, seed)`:
+// the same bits on every device.
+template <typename Draw>
+inline at::Tensor rsvd_sketch(const at::Tensor& a, int64_t k, int64_t seed,
+                              const std::optional<at::Tensor>& init, Draw&& draw) {
+  const std::vector<int64_t> sk = rsvd_sketch_shape(a, k);
   if (init.has_value()) {
     at::Tensor omega = init->to(a.device(), a.scalar_type());
     TORCH_CHECK_VALUE(omega.sizes() == at::IntArrayRef(sk), "lqlora.rsvd: init must have shape ",
@@ -55,8 +91,16 @@ inline at::Tensor rsvd_sketch(const at::Tensor& a, int64_t k, int64_t seed,
     rsvd_check_finite(omega, "init");
     return omega;
   }
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  return at::randn(sk, gen, at::TensorOptions().dtype(a.scalar_type())).to(a.device());
+  return draw(at::IntArrayRef(sk), a.scalar_type(), seed);
+}
+
+// lqlora::rsvd_sketch's checks: a [..., m, n] float32/float64, k >= 0.
+inline void rsvd_sketch_check_args(const at::Tensor& a, int64_t k) {
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+                   "lqlora.rsvd_sketch: input must be float32 or float64, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.dim() >= 2, "lqlora.rsvd_sketch: input must be [..., m, n], got ", a.dim(),
+                    "-D");
+  TORCH_CHECK_VALUE(k >= 0, "lqlora.rsvd_sketch: k must be non-negative, got ", k);
 }
 
 }  // namespace lqlora

@@ -44,6 +44,9 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "rsvd(Tensor a, int rank, int oversample, int niter, int seed, Tensor? init) -> "
       "(Tensor, Tensor, Tensor)");
+  // rsvd's Gaussian sketch for a [..., m, n]: [..., n, k] in a's dtype on a's device, from
+  // `seed` (Philox4x32-10 + Box-Muller, lqlora/gaussian.h): the same bits on every device.
+  m.def("rsvd_sketch(Tensor a, int k, int seed) -> Tensor");
 }
 
 }  // namespace lqlora

@@ -187,10 +187,24 @@ def _rsvd_fake(a, rank, oversample, niter, seed, init):
             a.new_empty((*batch, n, rank)))
 
 
+def rsvd_sketch(a: Tensor, k: int, seed: int = 0) -> Tensor:
+    """The Gaussian sketch ``Omega [..., n, k]`` that :func:`rsvd` starts from for
+    ``a [..., m, n]`` (``k = min(rank + oversample, m, n)``), in ``a``'s dtype (fp32/fp64)
+    on ``a``'s device; ``a``'s values are not read. Philox4x32-10 counters and Box-Muller in
+    fp64 (csrc/include/lqlora/gaussian.h): the same bits on every device for one seed.
+    """
+    return _ops.rsvd_sketch(a, k, seed)
+
+
+def _rsvd_sketch_fake(a, k, seed):
+    torch._check(a.dim() >= 2, lambda: "lqlora.rsvd_sketch: input must be [..., m, n]")
+    return a.new_empty((*a.shape[:-2], a.shape[-1], k))
+
+
 # ------------------------------------------------------------------------- registration
 _FAKES = {"quantize": _quantize_fake, "unpack_scales": _unpack_scales_fake,
           "dequantize": _dequantize_fake, "qmatmul": _qmatmul_fake, "qmatmul_t": _qmatmul_t_fake,
-          "rsvd": _rsvd_fake}
+          "rsvd": _rsvd_fake, "rsvd_sketch": _rsvd_sketch_fake}
 
 
 def register_python_parts(namespace: str) -> None:
