@@ -2,7 +2,8 @@
 H200 times for issue 16's three targets, without a GPU.
 
 - The Jacobi eigensolver (csrc/cuda/rsvd.cu) from its sm_90a SASS through bench/sass_model
-  (kernels.jacobi_launch), with the sweep statistics measured by bench/rsvd_inputs.py;
+  (kernels.jacobi_launch), with the sweep statistics measured by bench/rsvd_inputs.py; the
+  Gaussian sketch kernel (csrc/cuda/sketch.cu) from its SASS too (kernels.sketch_launch);
 - every other step of ops_rsvd.cpp and of decompose_many's lockstep iteration as the ATen
   ops they are: GEMMs at the fp32 / fp64 roofline, memory-bound kernels at their bytes,
   cuSOLVER calls and host syncs at fixed costs (bench/sass_model/rsvd.py documents each
@@ -66,7 +67,9 @@ def targets(ix, dev, st_first, st_warm, iters) -> Dict[str, dict]:
     one = rsvd.rsvd_steps(ix, dev, 1, 4096, 4096, RANK, OVERSAMPLE, 2, False, st_first)
     ours = rsvd.total_us(one)
     floor = rsvd.svd_lowrank_gemm_floor(dev, 4096, 4096, k, 2)
+    sk = next(x for x in one if x.name.startswith("gaussian_sketch_kernel"))
     t1 = {"ours_us": ours, "by_kind": rsvd.by_kind(one), "svd_lowrank_gemm_floor_us": floor,
+          "sketch_us": sk.time.total_us, "sketch_binding": sk.time.binding,
           "needed_qr_svd_us": 3 * ours - floor,
           "needed_per_cusolver_call_us": (3 * ours - floor) / 6}
     m4 = rsvd.profile_matrix_us(ix, dev, 4096, 4096, RANK, iters, PAPER_CONFIGS, st_first, st_warm)
@@ -135,6 +138,8 @@ def render(doc: dict) -> str:
         t1, t2 = t["rsvd_4096"], t["profile_4096"]
         L.append(f"- {dev}, one rsvd of 4096^2: " + ", ".join(
             f"{k} {v:.0f} us" for k, v in sorted(t1["by_kind"].items(), key=lambda x: -x[1])))
+        L.append(f"- {dev}, of which the Gaussian sketch [4096, {RANK + OVERSAMPLE}] on the device: "
+                 f"{t1['sketch_us']:.1f} us ({t1['sketch_binding']}-bound)")
         L.append(f"- {dev}, one lockstep iteration of 16 configs of 4096^2 "
                  f"({t2['iteration16_us'] / 1e3:.2f} ms): " + ", ".join(
                      f"{k} {v / 1e3:.2f} ms" for k, v in
@@ -184,8 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            "jacobi_stats": {k: vars(v) for k, v in st.items()},
            "constants": {"FP32_FLOPS": rsvd.FP32_FLOPS, "FP64_TENSOR_FLOPS": rsvd.FP64_TENSOR_FLOPS,
                          "GEMM_EFFICIENCY": rsvd.GEMM_EFFICIENCY, "SOLVER_US": rsvd.SOLVER_US,
-                         "SYNC_US": rsvd.SYNC_US, "H2D_BYTES_S": rsvd.H2D_BYTES_S,
-                         "CPU_RANDN_S": rsvd.CPU_RANDN_S},
+                         "SYNC_US": rsvd.SYNC_US},
            "jacobi": jac,
            "targets": {dev.name: targets(ix, dev, st_first, st_warm, iters) for dev in (hw.H100, hw.H200)},
            "sensitivity": [r for dev in (hw.H100, hw.H200)

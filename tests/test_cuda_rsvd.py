@@ -321,6 +321,12 @@ def test_bad_input(be):
             be.rsvd(bad, 4)
     with pytest.raises(ValueError, match=r"A @ Omega overflows Float .*3\.3\d*e\+38"):
         be.rsvd(torch.full((16, 16), 3.3e38), 4)
+    init = torch.randn(16, 14)
+    init[9] = 0
+    bad = a.clone()
+    bad[2, 9] = float("nan")
+    with pytest.raises(ValueError, match=r"input contains NaN/Inf; first at \[2, 9\]"):
+        be.rsvd(bad, 4, init=init)
 
 
 def test_empty_batch(be):

@@ -514,3 +514,10 @@ def test_rsvd_rejects_bad_input():
         ops.rsvd(torch.randn(20, 10), 2, 3, 2, 0, init)
     with pytest.raises(ValueError, match=r"A @ Omega overflows Float"):
         ops.rsvd(torch.full((20, 10), 3e38), 2)
+    # A is checked through Y = A Omega: a NaN behind a zero row of `init` still reaches Y.
+    init = torch.randn(10, 5)
+    init[6] = 0
+    bad = torch.randn(20, 10)
+    bad[13, 6] = float("nan")
+    with pytest.raises(ValueError, match=r"input contains NaN/Inf; first at \[13, 6\]"):
+        ops.rsvd(bad, 2, 3, 2, 0, init)

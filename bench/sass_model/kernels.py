@@ -982,6 +982,50 @@ def jacobi_launch(spec: KernelSpec, ctx: "JacobiCtx") -> Launch:
                   sum(det.values()), det, trips, hint=hint, load_levels=find_roles)
 
 
+# ------------------------------------------------------------------ gaussian_sketch_kernel
+SKETCH_PARAMS = (("seed", I64, 8), ("count", I64, 8), ("out", PTR, 8))
+K_SKETCH_THREADS = 256       # sketch.cu kThreads
+K_SKETCH_MAX_BLOCKS = 1024   # sketch.cu's grid cap
+
+
+@dataclasses.dataclass(frozen=True)
+class SketchCtx:
+    """One sketch launch: ``count`` elements of ``dtype`` (rsvd's [B, n, k] sketch)."""
+
+    count: int
+    dtype: str = "float32"
+    t: Tuple = ()
+
+
+def sketch_launch(spec: KernelSpec, ctx: "SketchCtx") -> Launch:
+    """One thread per pair (Philox block + Box-Muller), grid-stride over the pairs; the
+    fill loop inside runs once per pair. Every other loop (Philox rounds, the series) is
+    unrolled in the SASS; the division and square-root slow paths (CALL) are never taken
+    for these operands."""
+    pairs = (ctx.count + 1) // 2
+    grid = max(1, min(math.ceil(pairs / K_SKETCH_THREADS), K_SKETCH_MAX_BLOCKS))
+    params = param_words(spec.params, {"seed": 0, "count": ctx.count, "out": DUMMY_PTR},
+                         {"ntid.x": K_SKETCH_THREADS, "ntid.y": 1, "ntid.z": 1,
+                          "nctaid.x": grid, "nctaid.y": 1, "nctaid.z": 1})
+    elem = 8 if ctx.dtype == "float64" else 4
+    det = {"sketch out": ctx.count * float(elem)}
+    per_thread = pairs / (grid * K_SKETCH_THREADS)
+
+    def trips(loops, blocks, instrs, reached):
+        infos = loop_infos(loops, blocks, instrs)
+        avg = [1.0] * len(loops)
+        hot = None
+        for i in infos:  # the outermost loop holding the stores is the grid-stride loop
+            if _has(i.ops, "STG") and (hot is None or len(i.loop.body) > len(infos[hot].loop.body)):
+                hot = i.index
+        if hot is not None:
+            avg[hot] = per_thread
+        return avg, [math.ceil(a) for a in avg], hot
+
+    return Launch(grid, K_SKETCH_THREADS, params, grid * K_SKETCH_THREADS / 32.0,
+                  float(ctx.count), sum(det.values()), det, trips)
+
+
 KERNELS: Dict[str, KernelSpec] = {
     "qmatmul_fast_kernel": KernelSpec("qmatmul_fast_kernel", ("Bits", "XT", "MT", "R"),
                                       FAST_PARAMS, fast_launch, ldg_level="l2"),
@@ -1000,6 +1044,8 @@ KERNELS: Dict[str, KernelSpec] = {
     # the eigenvector rows live in global memory, written and re-read by the same block
     "jacobi_eigh_kernel": KernelSpec("jacobi_eigh_kernel", ("kShared",), JACOBI_PARAMS,
                                      jacobi_launch, ldg_level="l2"),
+    "gaussian_sketch_kernel": KernelSpec("gaussian_sketch_kernel", ("T",), SKETCH_PARAMS,
+                                         sketch_launch, ldg_level="l2"),
 }
 
 CXX_TYPE = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 from . import model
 from .analysis import Counts
 from .hw import Device, KernelTime, elementwise_time, kernel_time
-from .kernels import K_JACOBI_MAX_SHARED, JacobiCtx
+from .kernels import K_JACOBI_MAX_SHARED, JacobiCtx, SketchCtx
 from .paths import Step, _kernel
 
 # Datasheet (H100 SXM5; the H200 SXM has the same SMs and clocks): FP32 67 TFLOPS, FP64
@@ -37,8 +37,6 @@ FP64_TENSOR_FLOPS = 66.9e12
 GEMM_EFFICIENCY = 0.70
 SOLVER_US = 20.0     # one cuSOLVER potrf / trsm call on B matrices of order k <= 76
 SYNC_US = 10.0       # GPU idle per host sync: the host's wake-up plus the next launch
-H2D_BYTES_S = 10e9   # pageable host-to-device copy (the CPU-drawn sketch)
-CPU_RANDN_S = 2e8    # Gaussian samples per second of the CPU generator (one thread)
 TINY = 64.0          # bytes of a "tiny" kernel (k-sized vectors, flags)
 
 SENSITIVITY = {
@@ -143,6 +141,14 @@ def jacobi_step(ix, dev: Device, B: int, k: int, st: JacobiStats) -> Step:
                 f" rotating + {st.quiet_rounds:.0f} quiet rounds)", kt, la.dram_bytes, base)
 
 
+def sketch_step(ix, dev: Device, count: int) -> Step:
+    """The fp32 Gaussian sketch drawn on the device (sketch.cu) from its SASS."""
+    kern = _kernel(ix, "gaussian_sketch_kernel", ("float",))
+    r = model.run(kern, SketchCtx(count), dev, graph=False)
+    return Step(f"gaussian_sketch_kernel<float> ({count} elements)", r.time, r.launch.dram_bytes,
+                r)
+
+
 def rsvd_steps(ix, dev: Device, B: int, m: int, n: int, rank: int, oversample: int, niter: int,
                warm: bool, st: JacobiStats) -> List[Step]:
     """lqlora::rsvd of fp32 a [B, m, n] (ops_rsvd.cpp rsvd_cuda, in its order)."""
@@ -151,10 +157,10 @@ def rsvd_steps(ix, dev: Device, B: int, m: int, n: int, rank: int, oversample: i
     if warm:  # rsvd_sketch: init is on the device already
         s += finite_check(dev, "init", B * n * k, 4)
     else:
-        s.append(host(f"CPU randn [{n}, {k}]", n * k / CPU_RANDN_S * 1e6))
-        s.append(host("H2D copy of the sketch (pageable)", n * k * 4 / H2D_BYTES_S * 1e6 + SYNC_US))
-    s += finite_check(dev, "a", B * m * n, 4)
+        s.append(sketch_step(ix, dev, B * n * k))
     s.append(gemm(dev, "A @ Omega", B, m, k, n, 4))
+    # NaN/Inf in A found through Y (rsvd_check_sketch_product): isfinite, all, item.
+    s += [ew(dev, "isfinite(Y)", B * m * k * 5), ew(dev, "all", B * m * k), sync("all().item()")]
     s += orth_cast(dev, B, m, k)
     for _ in range(niter):
         s.append(gemm(dev, "A^T Q", B, n, k, m, 4))
@@ -205,8 +211,7 @@ def batch_steps(ix, dev: Device, A: int, m: int, n: int, rank: int, st: JacobiSt
         if fisher:
             s += [ew(dev, "d_row * r", 8 * e), ew(dev, "* d_col", 8 * e)]
     s += [ew(dev, "stack(residuals)", 8 * A * e), ew(dev, "stack(warm)", 8 * A * n * rank)]
-    s.append(host(f"CPU randn [{n}, {k - rank}] + H2D", n * (k - rank) / CPU_RANDN_S * 1e6
-                  + n * (k - rank) * 4 / H2D_BYTES_S * 1e6 + SYNC_US))
+    s.append(sketch_step(ix, dev, n * (k - rank)))  # lowrank's fresh columns
     s.append(ew(dev, "cat(warm, fresh)", 8 * A * n * k))
     s += rsvd_steps(ix, dev, A, m, n, rank, oversample, 0, True, st)
     s += [ew(dev, "clamp_min.sqrt", TINY), ew(dev, "U * rs", 8 * A * m * rank),

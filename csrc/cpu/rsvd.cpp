@@ -34,10 +34,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_impl(const at::Tensor& a, in
   const NoAutocast no_autocast;
   const int64_t k = rsvd_check_args(a, rank, oversample, niter);
   const at::Tensor omega = rsvd_sketch(a, k, seed, init, draw_on_cpu(a.device()));
-  rsvd_check_finite(a, "input");  // LAPACK would return NaN factors or fail obscurely
   const at::Tensor at_ = a.mT();
+  // NaN/Inf in A refused by name through Y (LAPACK would return NaN factors or fail
+  // obscurely), without a pass over A (lqlora/rsvd_args.h).
   const at::Tensor y = at::matmul(a, omega);
-  rsvd_check_sketch_product(y, a, /*a_checked=*/true);
+  rsvd_check_sketch_product(y, a);
   at::Tensor q = orthonormal(y);
   for (int64_t i = 0; i < niter; ++i) {
     q = orthonormal(at::matmul(a, orthonormal(at::matmul(at_, q))));

@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, in
   // A is checked for NaN/Inf through Y = A Omega (lqlora/rsvd_args.h): exact, and it reads
   // m k values instead of the m n of A.
   const at::Tensor y = at::matmul(a3, omega.reshape({B, n, k}));
-  rsvd_check_sketch_product(y, a, /*a_checked=*/false);
+  rsvd_check_sketch_product(y, a);
   at::Tensor q = orth(y);
   for (int64_t i = 0; i < niter; ++i) q = orth(at::matmul(a3, orth(at::matmul(at3, q))));
 

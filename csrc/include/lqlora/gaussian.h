@@ -18,6 +18,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "lqlora/pack.h"  // LQ_HD
 
@@ -30,7 +31,7 @@ LQ_HD double mul(double a, double b) { return __dmul_rn(a, b); }
 LQ_HD double div(double a, double b) { return __ddiv_rn(a, b); }
 LQ_HD double sqrt_rn(double a) { return __dsqrt_rn(a); }
 LQ_HD float to_float(double a) { return __double2float_rn(a); }
-LQ_HD double ldexp2(double a, int e) { return ::ldexp(a, e); }
+LQ_HD double pow2(int e) { return __longlong_as_double(static_cast<long long>(1023 + e) << 52); }
 LQ_HD int floor_log2(uint64_t v) { return 63 - __clzll(static_cast<long long>(v)); }
 #else
 LQ_HD double add(double a, double b) { return a + b; }
@@ -39,7 +40,12 @@ LQ_HD double mul(double a, double b) { return a * b; }
 LQ_HD double div(double a, double b) { return a / b; }
 LQ_HD double sqrt_rn(double a) { return std::sqrt(a); }
 LQ_HD float to_float(double a) { return static_cast<float>(a); }
-LQ_HD double ldexp2(double a, int e) { return std::ldexp(a, e); }
+LQ_HD double pow2(int e) {  // 2^e for -1022 <= e <= 1023, from its bits (exact)
+  const uint64_t bits = static_cast<uint64_t>(1023 + e) << 52;
+  double d;
+  std::memcpy(&d, &bits, sizeof d);
+  return d;
+}
 LQ_HD int floor_log2(uint64_t v) { return 63 - __builtin_clzll(v); }
 #endif
 
@@ -72,7 +78,7 @@ LQ_HD Bits128 philox4x32_10(uint64_t counter, uint64_t key) {
 // |s| <= 0.172 (the truncation is below 1e-17).
 LQ_HD double log_u53(uint64_t v) {
   int e = floor_log2(v);
-  double m = ldexp2(static_cast<double>(v), -e);  // exact: [1, 2)
+  double m = mul(static_cast<double>(v), pow2(-e));  // exact: [1, 2)
   if (m > 0x1.6a09e667f3bcdp+0) {
     m = mul(m, 0.5);
     ++e;
@@ -112,7 +118,7 @@ LQ_HD void gaussian_pair(uint64_t seed, uint64_t p, double& z0, double& z1) {
   const uint64_t b2 = (static_cast<uint64_t>(r.x2) << 32) | r.x3;
   const double rad = sqrt_rn(mul(-2.0, log_u53(b1 + 1)));
   const unsigned oct = static_cast<unsigned>(b2 >> 61);
-  const double f = ldexp2(static_cast<double>((b2 >> 8) & ((uint64_t{1} << 53) - 1)), -53);
+  const double f = mul(static_cast<double>((b2 >> 8) & ((uint64_t{1} << 53) - 1)), 0x1p-53);
   // th = (oct + f) pi/4 = q pi/2 + phi. Even octant: phi = x; odd: phi = pi/2 - x, with
   // x = f pi/4 or (1 - f) pi/4 (1 - f is exact on the 2^-53 grid), so x stays in [0, pi/4].
   double s, c;
