@@ -164,6 +164,21 @@ def test_quantize_rejects_nonfinite_naming_the_index(be):
         be.ops.quantize(w, lqlora_ext.nf_code(4).to(be.dev), 4, 64, 8, 256, torch.float32)
 
 
+@pytest.mark.parametrize("block_size", [16, 32, 64, 256])
+def test_quantize_finds_a_lone_nonfinite_in_any_block(be, block_size):
+    """The CUDA op finds NaN/Inf through its block absmax (NaN-propagating max): a lone NaN
+    next to larger values, a lone -Inf, and a NaN in the ragged last block, for the
+    shuffle (B0 <= 32) and the shared-memory (B0 > 32) reductions."""
+    rows, cols = 9, 70  # 630 elements: the last block is partial for every block size
+    for pos, val in (((0, 0), float("nan")), ((4, 33), float("-inf")), ((8, 69), float("nan")),
+                     ((3, 1), float("inf"))):
+        w = grid.make_weight(rows, cols) * 10
+        w[pos] = val
+        with pytest.raises(ValueError, match=rf"first at \[{pos[0]}, {pos[1]}\]"):
+            be.ops.quantize(w.to(be.dev), lqlora_ext.nf_code(3).to(be.dev), 3, block_size, 8,
+                            16, torch.float32)
+
+
 def test_bad_input_raises(be):
     c = grid.DEFAULT
     packed = _to(_quant_cpu(grid.make_weight(64, 64), c), be.dev)

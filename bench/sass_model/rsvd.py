@@ -187,10 +187,12 @@ def quantize_steps(dev: Device, m: int, n: int, bits: int, block_size: int = 64)
     q.dequantize() for one config."""
     e = m * n
     nb = e / block_size
-    s = [ew(dev, "abs", 8 * e), ew(dev, "max", 4 * e), sync("float(amax)"),
+    s = [ew(dev, "aminmax", 4 * e), ew(dev, "stack", TINY), sync("tolist()"),
          host("levels.to(device)", SYNC_US)]
-    s += finite_check(dev, "weight", e, 4)
-    s += [ew(dev, "absmax_kernel", 4 * e + 4 * nb), ew(dev, "offset_kernel", 4 * nb),
+    # NaN/Inf found through the block absmax (ops_cuda.cpp): isfinite(s1).all() and a sync.
+    s += [ew(dev, "absmax_kernel", 4 * e + 4 * nb), ew(dev, "isfinite(s1)", 5 * nb),
+          ew(dev, "all", nb), sync("all().item()")]
+    s += [ew(dev, "offset_kernel", 4 * nb),
           ew(dev, "group_kernel", 4 * nb), ew(dev, "scale_code_kernel", 8 * nb),
           ew(dev, "code_kernel", 4 * e + e * bits / 8 + 4 * nb)]
     s += [ew(dev, "unpack_scales_kernel", 5 * nb), ew(dev, "dequantize_kernel",

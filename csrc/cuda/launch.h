@@ -75,13 +75,19 @@ cudaError_t launch_unpack_scales(const uint32_t* qscales, const void* scale2, DT
 cudaError_t launch_dequantize(const PackedView& w, int64_t e_begin, int64_t e_end, void* out,
                               DType out_dtype, cudaStream_t stream);
 
-// Dense fp32 w[rows, cols] (contiguous) -> the four packed tensors, bit-exact with the CPU.
-// Workspaces: s1 and shat fp32 [nblocks], c fp32 [ngroups]. The input must be finite
-// (the glue checks). scale2 is written in scale_dtype, offset[0] in fp32.
+// Quantization, step 1: s1[j] = max |w| over block j of the dense fp32 w [n] (contiguous),
+// s1 fp32 [nblocks]. NaN propagates: s1 is finite exactly when w is.
+cudaError_t launch_quantize_absmax(const float* w, int64_t n, int block_size, float* ws_s1,
+                                   cudaStream_t stream);
+
+// Quantization, the rest: dense fp32 w[rows, cols] (contiguous) and its block absmax s1
+// (launch_quantize_absmax) -> the four packed tensors, bit-exact with the CPU. Workspaces:
+// shat fp32 [nblocks], c fp32 [ngroups]. The input must be finite (the glue checks s1).
+// scale2 is written in scale_dtype, offset[0] in fp32.
 cudaError_t launch_quantize(const float* w, int64_t rows, int64_t cols, const float* levels,
                             int bits, int block_size, int scale_bits, int scale_block_size,
                             DType scale_dtype, uint32_t* qcodes, uint32_t* qscales, void* scale2,
-                            float* offset, float* ws_s1, float* ws_c, float* ws_shat,
+                            float* offset, const float* ws_s1, float* ws_c, float* ws_shat,
                             cudaStream_t stream);
 
 // Fused qmatmul, 1 <= M <= qmatmul_fused_max_m(x_dtype): out[M, rows] = x[M, cols] @ W^T

@@ -114,19 +114,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cuda(
                     scale_dtype);
   c10::DeviceGuard guard(w.device());
   const at::Tensor wf = w.to(at::kFloat).contiguous();
-  // NaN/Inf: one reduction (and a sync) before any kernel, naming the first bad index.
-  const at::Tensor bad = at::logical_not(at::isfinite(wf)).view(-1);
-  if (bad.any().item<bool>()) {
+  const auto opts = wf.options();
+  at::Tensor s1 = at::empty({L.nblocks()}, opts);
+  check_launch(launch_quantize_absmax(wf.data_ptr<float>(), L.rows * L.cols,
+                                      static_cast<int>(L.block_size), s1.data_ptr<float>(),
+                                      current_stream(w.device())),
+               "quantize");
+  // NaN/Inf: the block absmax propagates them, so one check of s1 (1/block_size of the
+  // weight's bytes, one sync) before the other kernels; only a bad weight is read again, to
+  // name its first bad index.
+  if (!at::isfinite(s1).all().item<bool>()) {
+    const at::Tensor bad = at::logical_not(at::isfinite(wf)).view(-1);
     const int64_t i = at::argmax(bad.to(at::kByte)).item<int64_t>();
     TORCH_CHECK_VALUE(false, "lqlora.quantize: weight contains NaN/Inf; first at [", i / L.cols,
                       ", ", i % L.cols, "] (value ", wf.view(-1)[i].item<float>(), ")");
   }
-  const auto opts = wf.options();
   at::Tensor qcodes = at::empty({L.code_words()}, opts.dtype(at::kInt));
   at::Tensor qscales = at::empty({L.scale_words()}, opts.dtype(at::kInt));
   at::Tensor scale2 = at::empty({L.ngroups()}, opts.dtype(scale_dtype));
   at::Tensor offset = at::empty({1}, opts);
-  at::Tensor s1 = at::empty({L.nblocks()}, opts);
   at::Tensor shat = at::empty({L.nblocks()}, opts);
   at::Tensor c = at::empty({L.ngroups()}, opts);
   const at::Tensor lv = levels.contiguous();

@@ -1,6 +1,7 @@
 // CUDA quantizer: dense fp32 -> packed NFTensor, bit-exact with csrc/cpu/quantize.cpp
-// (docs/format.md). Five small launches on one stream; quantization is an offline step, so
-// the kernels favour obvious correctness over the last microsecond:
+// (docs/format.md). Five small launches on one stream (the first on its own, so that the glue
+// can check its output for NaN/Inf); quantization is an offline step, so the kernels favour
+// obvious correctness over the last microsecond:
 //   1. absmax_kernel      s1[j] = max |w| over block j                (one thread per element)
 //   2. offset_kernel      offset = min_j s1[j]                         (one block)
 //   3. group_kernel       c[g] = rnd_d1(max (s1 - offset) over group) (one thread per group)
@@ -19,7 +20,10 @@ constexpr int kThreads = 256;
 // s1[j] = max |w[i]| over block j = [j*B0, min((j+1)*B0, n)).
 //   w: fp32 [n]; s1: fp32 [nblocks]; B0 = 1 << log2_b0 (16..256, divides kThreads).
 // A thread block covers kThreads consecutive elements = kThreads/B0 whole blocks; max is
-// exact, so the reduction order cannot change the result.
+// exact, so the reduction order cannot change the result. NaN propagates (nan_max), so the
+// glue finds any NaN/Inf of w in s1, at 1/B0 of the bytes.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
 __global__ void __launch_bounds__(kThreads)
     absmax_kernel(const float* __restrict__ w, int64_t n, int log2_b0, float* __restrict__ s1) {
   __shared__ float warp_max[kThreads / 32];
@@ -27,7 +31,7 @@ __global__ void __launch_bounds__(kThreads)
   float v = i < n ? fabsf(w[i]) : 0.f;
   const int b0 = 1 << log2_b0;
   const int seg = b0 < 32 ? b0 : 32;
-  for (int o = seg >> 1; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  for (int o = seg >> 1; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(kFullMask, v, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (b0 <= 32) {
     if ((lane & (seg - 1)) == 0 && i < n) s1[i >> log2_b0] = v;
@@ -39,7 +43,7 @@ __global__ void __launch_bounds__(kThreads)
   if (static_cast<int>(threadIdx.x) < kThreads / b0) {
     float m = 0.f;
     for (int k = 0; k < warps_per_block; ++k)
-      m = fmaxf(m, warp_max[threadIdx.x * warps_per_block + k]);
+      m = nan_max(m, warp_max[threadIdx.x * warps_per_block + k]);
     const int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads >> log2_b0) + threadIdx.x;
     if (j * b0 < n) s1[j] = m;
   }
@@ -155,10 +159,17 @@ unsigned blocks_for(int64_t threads) {
 
 }  // namespace
 
+cudaError_t launch_quantize_absmax(const float* w, int64_t n, int block_size, float* ws_s1,
+                                   cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  LQ_LAUNCH(blocks_for(n), kThreads, 0, stream, absmax_kernel)(w, n, ilog2(block_size), ws_s1);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_quantize(const float* w, int64_t rows, int64_t cols, const float* levels,
                             int bits, int block_size, int scale_bits, int scale_block_size,
                             DType scale_dtype, uint32_t* qcodes, uint32_t* qscales, void* scale2,
-                            float* offset, float* ws_s1, float* ws_c, float* ws_shat,
+                            float* offset, const float* ws_s1, float* ws_c, float* ws_shat,
                             cudaStream_t stream) {
   const int64_t n = rows * cols;
   if (n <= 0) return cudaSuccess;
@@ -166,7 +177,6 @@ cudaError_t launch_quantize(const float* w, int64_t rows, int64_t cols, const fl
   const int64_t nblocks = ceil_div<int64_t>(n, block_size);
   const int64_t ngroups = ceil_div<int64_t>(nblocks, scale_block_size);
 
-  LQ_LAUNCH(blocks_for(n), kThreads, 0, stream, absmax_kernel)(w, n, log2_b0, ws_s1);
   LQ_LAUNCH(1, 1024, 0, stream, offset_kernel)(ws_s1, nblocks, offset);
   cudaError_t err = LQ_CUDA_DTYPE_SWITCH(scale_dtype, ScaleT, [&] {
     LQ_LAUNCH(blocks_for(ngroups), kThreads, 0, stream, group_kernel<ScaleT>)(
