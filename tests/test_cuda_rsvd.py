@@ -234,6 +234,19 @@ def test_order_beyond_the_kernel_uses_eigh(be):
     assert _orth_err(u) <= bound and _orth_err(v) <= bound
 
 
+@pytest.mark.parametrize("scale", [1e-140, 1e140])
+def test_extreme_scales(be, scale):
+    """fp64 inputs far from 1 (Gram entries ~1e-280 / 1e280): the eigensolver's pair pass
+    works on power-of-two-scaled pairs, so its squares neither underflow nor overflow; the
+    factors are the unscaled input's, S scaled."""
+    a = _matrix(96, 80, torch.float64, seed=6)
+    u, s, v = be.rsvd(a, 8, seed=2)
+    us, ss, vs = be.rsvd(a * scale, 8, seed=2)
+    assert bool(torch.isfinite(ss).all()) and bool(torch.isfinite(us).all())
+    assert float(((ss / scale) - s).abs().max()) <= 1e-10 * float(s[0])
+    assert float((us - u).abs().max()) <= 1e-8 and float((vs - v).abs().max()) <= 1e-8
+
+
 def test_non_contiguous_input(be):
     a = _matrix(72, 90, torch.float32, seed=8, batch=(2,))
     got = be.rsvd(a.mT, 6, seed=3)

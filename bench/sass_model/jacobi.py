@@ -68,12 +68,18 @@ def _iterate(g):
         any_round = False
         for p, q in pairs:
             apq, app, aqq = a[p, q], a[p, p], a[q, q]
-            skip = (apq.abs() <= floor_abs) | (apq.abs() <= EPS * app.abs().sqrt() * aqq.abs().sqrt())
-            tau = (aqq - app) / (2.0 * torch.where(skip, torch.ones_like(apq), apq))
-            t = torch.where(tau.abs() > 1e150, 0.5 / tau,
-                            torch.where(tau >= 0, 1.0, -1.0) / (tau.abs() + (1.0 + tau * tau).sqrt()))
-            c = 1.0 / (1.0 + t * t).sqrt()
-            s = torch.where(skip, torch.zeros_like(t), t * c)
+            # rsvd.cu's pair pass: the pair scaled by 2^-floor(log2 max |.|) (exact), the
+            # squared skip test, c = (|d| + r) / w, s = sign(d) h / w.
+            big = torch.maximum(torch.maximum(app.abs(), aqq.abs()), apq.abs())
+            sc = torch.where(big > 0, torch.exp2(-torch.floor(torch.log2(big))), torch.ones_like(big))
+            xpq, xpp, xqq = apq * sc, app * sc, aqq * sc
+            skip = (apq.abs() <= floor_abs) | (xpq * xpq <= (EPS * EPS) * (xpp * xqq).abs())
+            h = 2.0 * torch.where(skip, torch.ones_like(xpq), xpq)
+            d = xqq - xpp
+            r = (d * d + h * h).sqrt()
+            w = (2.0 * r * (r + d.abs())).sqrt()
+            c = torch.where(skip, torch.ones_like(w), (d.abs() + r) / w)
+            s = torch.where(skip, torch.zeros_like(w), torch.where(d >= 0, h, -h) / w)
             live = s != 0
             n = int(live.sum())
             if n == 0:

@@ -41,6 +41,15 @@ __device__ __forceinline__ void round_pair(int round, int i, int kp, int& p, int
   q = a < b ? b : a;
 }
 
+// 2^-e for x = 2^e * [1, 2) (x > 0 finite), from the exponent bits: an exact scale factor that
+// brings x into [1, 2). Subnormal x and x >= 2^1022 get the nearest representable factor.
+__device__ __forceinline__ double inv_pow2_near(double x) {
+  long long e = (__double_as_longlong(x) >> 52) & 0x7ff;  // biased exponent of x
+  e = 2046 - e;                                           // biased exponent of 2^-(e - 1023)
+  e = e < 1 ? 1 : (e > 2046 ? 2046 : e);
+  return __longlong_as_double(e << 52);
+}
+
 // Plane rotation x' = c x - s y, y' = s x + c y of the kp-element rows (x, y) and (vx, vy),
 // lane j taking elements j, j + 32, ... With kE > 0 (kp <= 32 kE) all of a lane's loads are
 // issued before its first store, so a pair costs one shared-memory (or L2) latency instead
@@ -163,16 +172,26 @@ __global__ void LQ_MAXNREG(96)
         round_pair(round, i, kp, p, q);
         const double apq = a[p * kp + q], app = a[p * kp + p], aqq = a[q * kp + q];
         double c = 1.0, s = 0.0;
+        // The pair scaled by a power of two near 1 / max(|g_pp|, |g_qq|, |g_pq|) (exact): c
+        // and s depend only on ratios, and the squares below can neither overflow nor
+        // underflow whatever the scale of G.
+        const double sc = inv_pow2_near(fmax(fmax(fabs(app), fabs(aqq)), fabs(apq)));
+        const double xpq = apq * sc, xpp = app * sc, xqq = aqq * sc;
+        // |g_pq| <= eps sqrt(g_pp g_qq), squared: no square root on the round's critical path.
         const bool skip =
-            fabs(apq) <= floor_abs || fabs(apq) <= kEps * sqrt(fabs(app)) * sqrt(fabs(aqq));
+            fabs(apq) <= floor_abs || xpq * xpq <= (kEps * kEps) * fabs(xpp * xqq);
         if (!skip) {
-          // Symmetric Schur 2x2 (Golub & Van Loan, Alg. 8.5.1): the smaller root t.
-          const double tau = (aqq - app) / (2.0 * apq);
-          const double t = fabs(tau) > 1e150
-                               ? 0.5 / tau
-                               : (tau >= 0.0 ? 1.0 : -1.0) / (fabs(tau) + sqrt(1.0 + tau * tau));
-          c = 1.0 / sqrt(1.0 + t * t);
-          s = t * c;
+          // Symmetric Schur 2x2 (Golub & Van Loan, Alg. 8.5.1), the smaller root
+          // t = sign(d) h / (|d| + r) with d = g_qq - g_pp, h = 2 g_pq, r = sqrt(d^2 + h^2),
+          // written without t: 1 + t^2 = 2 r (r + |d|) / (|d| + r)^2, so with
+          // w = sqrt(2 r (r + |d|)): c = (|d| + r) / w, s = sign(d) h / w. Two dependent
+          // square roots and two independent divisions, instead of the textbook's chain of
+          // three divisions and two roots; no cancellation (every sum has equal signs).
+          const double h = 2.0 * xpq, d = xqq - xpp, ad = fabs(d);
+          const double r = sqrt(d * d + h * h);
+          const double w = sqrt(2.0 * r * (r + ad));
+          c = (ad + r) / w;
+          s = (d >= 0.0 ? h : -h) / w;
           any |= s != 0.0;
         }
         cs[i] = c;

@@ -208,6 +208,8 @@ inline float __uint_as_float(unsigned v) { return std::bit_cast<float>(v); }
 inline float __int_as_float(int v) { return std::bit_cast<float>(v); }
 inline unsigned __float_as_uint(float v) { return std::bit_cast<unsigned>(v); }
 inline int __float_as_int(float v) { return std::bit_cast<int>(v); }
+inline double __longlong_as_double(long long v) { return std::bit_cast<double>(v); }
+inline long long __double_as_longlong(double v) { return std::bit_cast<long long>(v); }
 
 // ---- IEEE fp32 with explicit rounding (round-to-nearest-even; fibers run with the
 // default MXCSR, so no flush-to-zero, like CUDA without -ftz) ----
