@@ -89,9 +89,9 @@ def targets(ix, dev, st_first, st_warm, iters) -> Dict[str, dict]:
 
 def sensitivity(ix, dev, st_first, st_warm, iters) -> List[dict]:
     rows = []
-    for name, (lo, hi) in rsvd.SENSITIVITY.items():
+    for name, values in rsvd.SENSITIVITY.items():
         base = getattr(rsvd, name)
-        for v in (lo, hi):
+        for v in values:
             setattr(rsvd, name, v)
             try:
                 t = targets(ix, dev, st_first, st_warm, iters)
@@ -189,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            "jacobi_stats": {k: vars(v) for k, v in st.items()},
            "constants": {"FP32_FLOPS": rsvd.FP32_FLOPS, "FP64_TENSOR_FLOPS": rsvd.FP64_TENSOR_FLOPS,
                          "GEMM_EFFICIENCY": rsvd.GEMM_EFFICIENCY, "SOLVER_US": rsvd.SOLVER_US,
-                         "SYNC_US": rsvd.SYNC_US},
+                         "SYNC_US": rsvd.SYNC_US, "SINGLE_PASS": rsvd.SINGLE_PASS},
            "jacobi": jac,
            "targets": {dev.name: targets(ix, dev, st_first, st_warm, iters) for dev in (hw.H100, hw.H200)},
            "sensitivity": [r for dev in (hw.H100, hw.H200)

@@ -130,11 +130,15 @@ def test_accuracy_against_svd_and_svd_lowrank(be, dt, m, n, rank):
     assert float((1 - cos_v).abs().max()) <= 100 * tol
 
 
+@pytest.mark.parametrize("decay", [0.02, 0.3])
 @pytest.mark.parametrize("dt", DT)
 @pytest.mark.parametrize("m,n,rank", CASES)
-def test_orthonormal_factors_and_sign_rule(be, dt, m, n, rank):
+def test_orthonormal_factors_and_sign_rule(be, dt, m, n, rank, decay):
+    """Slow decay (0.02): a hard sketch; steep decay (0.3, singular values down to ~1e-10):
+    ill-conditioned sketches, where one CholeskyQR pass is not orthonormal enough and the
+    fp32 path must take the second."""
     dt = DT[dt]
-    a = _matrix(m, n, dt, seed=7 * m + n, decay=0.02)  # slow decay: a hard sketch
+    a = _matrix(m, n, dt, seed=7 * m + n, decay=decay)
     u, s, v = be.rsvd(a, rank)
     bound = 30 * _eps(dt) * math.sqrt(max(m, n))
     assert _orth_err(u) <= bound and _orth_err(v) <= bound

@@ -2,10 +2,11 @@
 // CPU op's algorithm (csrc/cpu/rsvd.cpp: same checks, the same sketch from `seed` or `init`,
 // the same power iterations), with the sketch drawn on the device (sketch.cu: the CPU's bits)
 // and its two LAPACK-shaped steps replaced:
-//   - orthonormalization of the tall-skinny sketches by CholeskyQR2 (Gram and triangular
-//     solve through ATen, i.e. cuBLAS/cuSOLVER, in fp64), falling back per batch entry to
-//     Householder QR when a Gram matrix is not numerically positive definite (rank-deficient
-//     or zero input);
+//   - orthonormalization of the tall-skinny sketches by CholeskyQR (Gram and triangular
+//     solve through ATen, i.e. cuBLAS/cuSOLVER, in fp64): one pass when its Q is already
+//     orthonormal far below the factors' rounding (fp32), else CholeskyQR2, falling back per
+//     batch entry to Householder QR when a Gram matrix is not numerically positive definite
+//     (rank-deficient or zero input);
 //   - the SVD of the projected k x n matrix B = Q^T A through the eigenpairs of its fp64 Gram
 //     matrix B B^T, computed by the batched shared-memory Jacobi kernel of rsvd.cu; then
 //     U = Q W, V = orth(B^T W) (which is B^T W / S where S is well above rounding, and stays
@@ -38,22 +39,33 @@ at::Tensor householder_q(const at::Tensor& y) {
   return q * (1 - 2 * neg).unsqueeze(-2);
 }
 
-// One CholeskyQR pass: y = Q L^T with L L^T = y^T y. `l` gets L, `info` cholesky's status.
-at::Tensor cholqr_pass(const at::Tensor& y, at::Tensor& l, at::Tensor& info) {
-  std::tie(l, info) = at::linalg_cholesky_ex(at::matmul(y.mT(), y), /*upper=*/false,
-                                             /*check_errors=*/false);
+// One CholeskyQR pass from the Gram matrix gram = y^T y: y = Q L^T with L L^T = gram. `l` gets
+// L, `info` cholesky's status.
+at::Tensor cholqr_pass(const at::Tensor& y, const at::Tensor& gram, at::Tensor& l,
+                       at::Tensor& info) {
+  std::tie(l, info) = at::linalg_cholesky_ex(gram, /*upper=*/false, /*check_errors=*/false);
   return at::linalg_solve_triangular(l.mT(), y, /*upper=*/true, /*left=*/false);
 }
 
-// Orthonormal basis of the columns of y [B, m, k], k <= m, fp64 in and out. CholeskyQR2:
-// the second pass restores the orthogonality the first loses (error ~ eps cond(y)^2). An
-// entry is redone by Householder QR when either Cholesky fails or the second factor is far
-// from the identity (the first pass was too ill-conditioned to trust); one host sync.
-at::Tensor orthonormal(const at::Tensor& y) {
+// Orthonormal basis of the columns of y [B, m, k], k <= m, fp64 in and out. CholeskyQR's
+// orthogonality error is ~ eps cond(y)^2. The first pass's is measured on the Gram matrix
+// of its Q, which a second pass needs anyway: when every entry's max |Q^T Q - I| is at most
+// `accept`, Q is returned after one pass (one Cholesky and one triangular solve instead of
+// two of each). Otherwise CholeskyQR2: the second pass restores what the first lost, and
+// an entry is redone by Householder QR when either Cholesky fails or the second factor is
+// far from the identity (the first pass was too ill-conditioned to trust). One host sync,
+// two on the CholeskyQR2 path.
+at::Tensor orthonormal(const at::Tensor& y, double accept) {
   at::Tensor l1, info1, l2, info2;
-  at::Tensor q = cholqr_pass(cholqr_pass(y, l1, info1), l2, info2);
   const int64_t k = y.size(-1);
-  const at::Tensor dev = (l2 - at::eye(k, l2.options())).abs().amax({-2, -1});
+  const at::Tensor eye = at::eye(k, y.options());
+  const at::Tensor q1 = cholqr_pass(y, at::matmul(y.mT(), y), l1, info1);
+  const at::Tensor g2 = at::matmul(q1.mT(), q1);
+  if (accept > 0 &&
+      info1.eq(0).logical_and((g2 - eye).abs().amax({-2, -1}).le(accept)).all().item<bool>())
+    return q1;
+  at::Tensor q = cholqr_pass(q1, g2, l2, info2);
+  const at::Tensor dev = (l2 - eye).abs().amax({-2, -1});
   const at::Tensor bad = info1.ne(0).logical_or(info2.ne(0)).logical_or(dev.le(0.5).logical_not());
   if (bad.any().item<bool>()) {
     const at::Tensor idx = bad.nonzero().squeeze(-1);
@@ -61,6 +73,11 @@ at::Tensor orthonormal(const at::Tensor& y) {
   }
   return q;
 }
+
+// The orthogonality a single CholeskyQR pass must reach to be kept, for factors returned in
+// dtype dt: far below fp32's rounding (6e-8) for fp32 factors; fp64 factors always take
+// the second pass (an fp64 pass alone reaches ~1e-16 cond^2, rarely fp64's own rounding).
+double single_pass_accept(at::ScalarType dt) { return dt == at::kFloat ? 1e-10 : 0.0; }
 
 // Eigenpairs of the symmetric g [B, k, k] (fp64): evals [B, k] descending, evecs [B, k, k]
 // with row j the eigenvector of evals[j].
@@ -135,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, in
   const at::Tensor a3 = a.reshape({B, m, n});
   const at::Tensor at3 = a3.mT();
   // The sketches are multiplied in a's dtype (cuBLAS) and orthonormalized in fp64.
-  auto orth = [&](const at::Tensor& y) { return orthonormal(y.to(at::kDouble)).to(dt); };
+  const double accept = single_pass_accept(dt);
+  auto orth = [&](const at::Tensor& y) { return orthonormal(y.to(at::kDouble), accept).to(dt); };
   // A is checked for NaN/Inf through Y = A Omega (lqlora/rsvd_args.h): exact, and it reads
   // m k values instead of the m n of A.
   const at::Tensor y = at::matmul(a3, omega.reshape({B, n, k}));
@@ -148,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, in
   const at::Tensor w = evecs.narrow(-2, 0, rank).mT();            // [B, k, rank] fp64
   const at::Tensor s = evals.narrow(-1, 0, rank).clamp_min(0).sqrt();
   at::Tensor u = at::matmul(q, w.to(dt));                         // [B, m, rank]
-  at::Tensor v = orthonormal(at::matmul(bd.mT(), w)).to(dt);      // [B, n, rank]
+  at::Tensor v = orthonormal(at::matmul(bd.mT(), w), accept).to(dt);  // [B, n, rank]
 
   const at::Tensor top = u.gather(-2, u.abs().argmax(-2, /*keepdim=*/true));  // [B, 1, rank]
   const at::Tensor sign = 1 - 2 * top.lt(0).to(dt);
