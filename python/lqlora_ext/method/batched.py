@@ -9,7 +9,7 @@ Two things are shared across the configs:
   the default on CPU).
 - with ``batched=True`` (the default on CUDA), every later low-rank step of the configs
   still running is one ``lqlora::rsvd`` call on their stacked residuals ``[A, out, in]``:
-  on a GPU one batched launch sequence (CholeskyQR2, the shared-memory eigensolver)
+  on a GPU one batched launch sequence (CholeskyQR, the shared-memory eigensolver)
   instead of one per config. The configs run in lockstep, each stopping on its own rule;
   the batch shrinks as they stop. A config's result then depends, in rounding only, on
   which configs shared its batch: the batches are fixed by the config list and
