@@ -129,9 +129,9 @@ def lowrank(r: Tensor, rank: int, *, seed: int = 0, exact: bool = False,
         m, n = r.shape[-2:]
         k = min(rank + oversample, m, n)
         if warm is not None:
-            # rsvd's own Gaussian (drawn on r's device, the same bits everywhere) for a 2-D
-            # view of r: [n, k - rank], shared by the batch; r's values are not read.
-            fresh = ops.rsvd_sketch(r.reshape(-1, m, n)[0], k - rank, seed + 1)
+            # rsvd's own Gaussian (drawn on r's device, the same bits everywhere) for any
+            # [., n] input: [n, k - rank], shared by the batch (the input's values are unread).
+            fresh = ops.rsvd_sketch(r.new_empty((1, n)), k - rank, seed + 1)
             init = torch.cat([warm, fresh.expand(*warm.shape[:-2], n, k - rank)], dim=-1)
             # The previous subspace already went through every earlier iteration's power
             # steps: continuing it with one sketch (no extra power iteration) is enough.
