@@ -1,9 +1,11 @@
-"""CPU speed of lqlora::rsvd and of its Gaussian sketch, in process.
+"""CPU speed of lqlora::rsvd, of its Gaussian sketch and of the decomposition built on it,
+in process.
 
 One rsvd of a random [m, n] fp32 matrix (rank, oversample 10, niter 2, a fresh seed per
-repeat) and the sketch alone (lqlora::rsvd_sketch, [n, rank + 10]) next to torch.randn of
-the same size (the generator the sketch replaced); medians of interleaved repeats after a
-warm-up, torch's thread setting.
+repeat), the sketch alone (lqlora::rsvd_sketch, [n, rank + 10]) next to torch.randn of the
+same size (the generator the sketch replaced), and a Fisher-weighted decompose of a random
+[m, n] weight (NF3, 6 iterations, tol 0, its default one thread); medians of interleaved
+repeats after a warm-up, torch's thread setting.
 
     python bench/rsvd_cpu.py [--m 4096 --n 4096 --rank 64 --repeat 7] [--out bench/results/rsvd_cpu.json]
 """
@@ -41,7 +43,11 @@ def main() -> None:
     k = args.rank + 10
     a = torch.randn(args.m, args.n, generator=torch.Generator().manual_seed(0))
     gen = torch.Generator()
+    w = 0.02 * a
+    fisher = torch.rand(args.m, args.n, generator=torch.Generator().manual_seed(1))
     cases = {
+        "decompose (NF3, Fisher, 6 iterations)": lambda i: lqlora_ext.decompose(
+            w, lqlora_ext.QuantConfig(3), args.rank, fisher=fisher, max_iters=6, tol=0, seed=i),
         "rsvd": lambda i: ops.rsvd(a, args.rank, 10, 2, i, None),
         "rsvd_sketch": lambda i: ops.rsvd_sketch(a, k, i),
         "torch.randn (same size)": lambda i: torch.randn(args.n, k, generator=gen.manual_seed(i)),
@@ -64,7 +70,7 @@ def main() -> None:
         json.dump(doc, f, indent=1)
         f.write("\n")
     for name in cases:
-        print(f"{name:26s} median {doc['median_ms'][name]:9.2f} ms  min {doc['min_ms'][name]:9.2f} ms")
+        print(f"{name:38s} median {doc['median_ms'][name]:9.2f} ms  min {doc['min_ms'][name]:9.2f} ms")
 
 
 if __name__ == "__main__":
