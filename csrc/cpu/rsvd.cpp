@@ -5,13 +5,33 @@
 // their own kernel (CUDA) draw the same bits in place, so the same inputs give the same
 // sketch on every device.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
+#include "lqlora/gaussian.h"
 #include "lqlora/guards.h"
 #include "lqlora/rsvd_args.h"
 
 namespace lqlora {
 namespace {
+
+// The Gaussian sketch of lqlora/gaussian.h drawn on the CPU: `shape`, float32 or float64.
+// This file is compiled with -ffp-contract=off (CMakeLists.txt), which the bits rely on.
+at::Tensor gaussian_sketch_cpu(at::IntArrayRef shape, at::ScalarType dtype, int64_t seed) {
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype));
+  const int64_t count = out.numel();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rsvd_sketch", [&] {
+    scalar_t* p = out.data_ptr<scalar_t>();
+    // Whole pairs per task (begin even): 2^13 pairs, ~0.1 ms of work.
+    at::parallel_for(0, (count + 1) / 2, int64_t{1} << 13, [&](int64_t lo, int64_t hi) {
+      gauss::fill_pairs(static_cast<uint64_t>(seed), 2 * lo, std::min(2 * hi, count), p);
+    });
+  });
+  return out;
+}
 
 // Draws the sketch on the CPU, then moves it to `device`.
 auto draw_on_cpu(const at::Device& device) {

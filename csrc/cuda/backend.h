@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/Exception.h>
 
 #include <cuda_runtime_api.h>
 
@@ -39,5 +40,11 @@ inline cudaStream_t current_stream(const at::Device& device) {
   return static_cast<cudaStream_t>(impl->getStreamNativeHandle(impl->getStream(device)));
 }
 #endif
+
+// A launcher's error (launch.h, rsvd.h) raised as lqlora.<op>'s RuntimeError.
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "lqlora.", op, ": CUDA kernel launch failed: ",
+              cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
+}
 
 }  // namespace lqlora::cuda

@@ -31,11 +31,6 @@ namespace {
 
 constexpr int64_t kChunkElems = int64_t(1) << 26;  // dequantized rows per at::mm chunk
 
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "lqlora.", op, ": CUDA kernel launch failed: ",
-              cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
-}
-
 DType to_dtype(at::ScalarType t, const char* op, const char* what) {
   switch (t) {
     case at::kFloat: return DType::kFloat32;

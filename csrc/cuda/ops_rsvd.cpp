@@ -92,11 +92,10 @@ std::tuple<at::Tensor, at::Tensor> eigh_desc(const at::Tensor& g, const at::Devi
   at::Tensor evals = at::empty({B, k}, gc.options());
   at::Tensor evecs = at::empty({B, k, k}, gc.options());
   at::Tensor work = at::empty({B * jacobi_workspace_doubles(static_cast<int>(k))}, gc.options());
-  const cudaError_t err =
-      launch_jacobi_eigh(gc.data_ptr<double>(), B, static_cast<int>(k), evals.data_ptr<double>(),
-                         evecs.data_ptr<double>(), work.data_ptr<double>(), current_stream(device));
-  TORCH_CHECK(err == cudaSuccess, "lqlora.rsvd: CUDA kernel launch failed: ",
-              cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
+  check_launch(launch_jacobi_eigh(gc.data_ptr<double>(), B, static_cast<int>(k),
+                                  evals.data_ptr<double>(), evecs.data_ptr<double>(),
+                                  work.data_ptr<double>(), current_stream(device)),
+               "rsvd");
   return {evals, evecs};
 }
 
@@ -104,11 +103,10 @@ std::tuple<at::Tensor, at::Tensor> eigh_desc(const at::Tensor& g, const at::Devi
 at::Tensor draw_sketch(at::IntArrayRef shape, at::ScalarType dtype, int64_t seed,
                        const at::Device& device) {
   at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype).device(device));
-  const cudaError_t err =
-      launch_gaussian_sketch(static_cast<uint64_t>(seed), out.numel(), dtype == at::kDouble,
-                             out.data_ptr(), current_stream(device));
-  TORCH_CHECK(err == cudaSuccess, "lqlora.rsvd: CUDA kernel launch failed: ",
-              cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
+  check_launch(launch_gaussian_sketch(static_cast<uint64_t>(seed), out.numel(),
+                                      dtype == at::kDouble, out.data_ptr(),
+                                      current_stream(device)),
+               "rsvd");
   return out;
 }
 

@@ -1,6 +1,6 @@
 // Host launchers of lqlora::rsvd's kernels on CUDA: the batched symmetric Jacobi eigensolver
-// (rsvd.cu) and the Gaussian sketch (sketch.cu); the glue is ops_rsvd.cpp. Torch-free, like launch.h: raw device pointers,
-// sizes and a stream in, the launch error out.
+// (rsvd.cu) and the Gaussian sketch (sketch.cu); the glue is ops_rsvd.cpp. Torch-free, like
+// launch.h: raw device pointers, sizes and a stream in, the launch error out.
 #pragma once
 #include <cuda_runtime_api.h>
 

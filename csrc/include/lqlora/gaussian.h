@@ -30,7 +30,6 @@ LQ_HD double sub(double a, double b) { return __dsub_rn(a, b); }
 LQ_HD double mul(double a, double b) { return __dmul_rn(a, b); }
 LQ_HD double div(double a, double b) { return __ddiv_rn(a, b); }
 LQ_HD double sqrt_rn(double a) { return __dsqrt_rn(a); }
-LQ_HD float to_float(double a) { return __double2float_rn(a); }
 LQ_HD double pow2(int e) { return __longlong_as_double(static_cast<long long>(1023 + e) << 52); }
 LQ_HD int floor_log2(uint64_t v) { return 63 - __clzll(static_cast<long long>(v)); }
 #else
@@ -39,7 +38,6 @@ LQ_HD double sub(double a, double b) { return a - b; }
 LQ_HD double mul(double a, double b) { return a * b; }
 LQ_HD double div(double a, double b) { return a / b; }
 LQ_HD double sqrt_rn(double a) { return std::sqrt(a); }
-LQ_HD float to_float(double a) { return static_cast<float>(a); }
 LQ_HD double pow2(int e) {  // 2^e for -1022 <= e <= 1023, from its bits (exact)
   const uint64_t bits = static_cast<uint64_t>(1023 + e) << 52;
   double d;
@@ -141,13 +139,9 @@ LQ_HD void fill_pairs(uint64_t seed, int64_t begin, int64_t end, T* out) {
   for (int64_t t = begin; t < end; t += 2) {
     double z0, z1;
     gaussian_pair(seed, static_cast<uint64_t>(t) / 2, z0, z1);
-    if constexpr (sizeof(T) == 4) {
-      out[t] = to_float(z0);
-      if (t + 1 < end) out[t + 1] = to_float(z1);
-    } else {
-      out[t] = z0;
-      if (t + 1 < end) out[t + 1] = z1;
-    }
+    // double -> float rounds to nearest even on the host and in CUDA (cvt.rn.f32.f64).
+    out[t] = static_cast<T>(z0);
+    if (t + 1 < end) out[t + 1] = static_cast<T>(z1);
   }
 }
 

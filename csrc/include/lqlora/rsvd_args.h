@@ -3,14 +3,10 @@
 // messages and start from the same Gaussian sketch (lqlora/gaussian.h). Host-only.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <optional>
 #include <vector>
-
-#include "lqlora/gaussian.h"
 
 namespace lqlora {
 
@@ -67,23 +63,9 @@ inline std::vector<int64_t> rsvd_sketch_shape(const at::Tensor& a, int64_t k) {
   return sk;
 }
 
-// The Gaussian sketch of lqlora/gaussian.h drawn on the CPU: `shape`, float32 or float64.
-inline at::Tensor gaussian_sketch_cpu(at::IntArrayRef shape, at::ScalarType dtype, int64_t seed) {
-  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype));
-  const int64_t count = out.numel();
-  AT_DISPATCH_FLOATING_TYPES(dtype, "rsvd_sketch", [&] {
-    scalar_t* p = out.data_ptr<scalar_t>();
-    // Whole pairs per task (begin even): 2^13 pairs, ~0.1 ms of work.
-    at::parallel_for(0, (count + 1) / 2, int64_t{1} << 13, [&](int64_t lo, int64_t hi) {
-      gauss::fill_pairs(static_cast<uint64_t>(seed), 2 * lo, std::min(2 * hi, count), p);
-    });
-  });
-  return out;
-}
-
 // The sketch Omega [..., n, k] on a's device in a's dtype: `init` (checked: shape, finite),
-// or the Gaussian sketch of `seed` (lqlora/gaussian.h), drawn by `draw(shape, dtype, seed)`:
-// the same bits on every device.
+// or the Gaussian sketch of `seed` (lqlora/gaussian.h), drawn by the backend's
+// `draw(shape, dtype, seed)`: the same bits on every device.
 template <typename Draw>
 inline at::Tensor rsvd_sketch(const at::Tensor& a, int64_t k, int64_t seed,
                               const std::optional<at::Tensor>& init, Draw&& draw) {

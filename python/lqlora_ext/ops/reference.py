@@ -159,9 +159,7 @@ def rsvd_sketch(a: Tensor, k: int, seed: int = 0) -> Tensor:
     csrc/include/lqlora/gaussian.h draws it (Philox4x32-10 counters, Box-Muller with the
     same series for ln and sin/cos, fp64, each operation rounded on its own)."""
     shape = (*a.shape[:-2], a.shape[-1], k)
-    count = 1
-    for d in shape:
-        count *= d
+    count = math.prod(shape)
     pair = torch.arange((count + 1) // 2, dtype=torch.int64)
     x0, x1, x2, x3 = _philox4x32_10(pair, seed)
     v = ((x0 << 21) | (x1 >> 11)) + 1                              # [1, 2^53]
