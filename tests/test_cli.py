@@ -520,3 +520,42 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     assert e.value.code == 130
     assert "lqlora quantize: interrupted (finished cost profiles are kept in the cache" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_entry_leaves_a_finished_torchrun_rank_without_teardown(monkeypatch, torchrun):
+    # Under torchrun a rank that succeeded skips the interpreter's teardown (os._exit(0));
+    # a failed one, or any process outside torchrun, exits the usual way with its status.
+    import lqlora_ext.cli.commands as commands
+
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for k, v in env.items():
+        if torchrun:
+            monkeypatch.setenv(k, v)
+        else:
+            monkeypatch.delenv(k, raising=False)
+
+    class HardExit(Exception):
+        pass
+
+    def hard_exit(code):
+        raise HardExit(code)
+
+    monkeypatch.setattr(commands.os, "_exit", hard_exit)
+    monkeypatch.setattr(commands, "main", lambda argv=None: 0)
+    if torchrun:
+        with pytest.raises(HardExit) as e:
+            commands.entry()
+        assert e.value.args == (0,)
+    else:
+        with pytest.raises(SystemExit) as e:
+            commands.entry()
+        assert e.value.code == 0
+
+    def fails(argv=None):
+        raise commands.Exit(1, "lqlora quantize: error: broken")
+
+    monkeypatch.setattr(commands, "main", fails)
+    with pytest.raises(SystemExit) as e:  # never os._exit: the status and message stay
+        commands.entry()
+    assert e.value.code == 1

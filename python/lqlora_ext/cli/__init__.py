@@ -1,5 +1,5 @@
 """The ``lqlora`` command line (``lqlora quantize | fisher | finetune | eval``), its finetuning loop
 and its built-in text data."""
-from .commands import main
+from .commands import entry, main
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]

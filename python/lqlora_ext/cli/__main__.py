@@ -1,6 +1,4 @@
 """``python -m lqlora_ext.cli``: the same as the ``lqlora`` command."""
-import sys
+from .commands import entry
 
-from .commands import main
-
-sys.exit(main())
+entry()

@@ -444,5 +444,24 @@ def main(argv=None) -> int:
     raise Exit(code, msg.strip())
 
 
+def entry() -> None:
+    """The ``lqlora`` console script and ``python -m lqlora_ext.cli``: :func:`main`, then exit.
+
+    A torchrun rank whose command succeeded leaves with ``os._exit(0)`` once its output is
+    flushed: its files are complete (every save is an atomic rename) and its process group is
+    destroyed, and the ordinary exit's interpreter teardown can race with the communication
+    backend's C++ threads (a thread that needs the GIL after finalization began aborts the
+    process: "terminate called without an active exception", pytorch/pytorch#190489), which
+    turns a finished job into a failed rank. Everything else exits the usual way."""
+    from ..distributed.env import in_torchrun
+
+    rc = main()
+    if rc == 0 and in_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -29,8 +29,9 @@ def in_torchrun() -> bool:
 
 @dataclasses.dataclass
 class World:
-    """``rank`` of ``world_size`` processes; ``local_rank`` on this node. ``group`` is the
-    torch.distributed default group once :func:`init` ran (None for a single process)."""
+    """``rank`` of ``world_size`` processes; ``local_rank`` on this node; ``backend`` of the
+    torch.distributed default group (None for a single process). ``owns_group``: :func:`init`
+    formed that group, so :meth:`close` destroys it."""
 
     rank: int = 0
     world_size: int = 1
