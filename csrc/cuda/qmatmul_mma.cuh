@@ -103,36 +103,65 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][i][e] = 0.f;
 
-  for (int c = c_begin; c < c_end; ++c) {
-    const int q = 4 * c + t;          // this lane's group along the row
-    const bool active = q < G;        // the last chunk of a row may have < 4 groups
-    const int qc = active ? q : 0;    // inactive lanes load a valid group, then zero it
-    uint32_t w[NT][Bits];
+  // x rows of the lane's A fragments: rows m = 16i + g + 8r, clamped to M - 1. A row of A
+  // only reaches the same row of the accumulator, and rows >= M are never stored, so the
+  // clamped rows need no zeroing (and no branch per load).
+  const XT* xrow[MT16][2];
+#pragma unroll
+  for (int i = 0; i < MT16; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      xrow[i][r] = x + static_cast<int64_t>(min(16 * i + g + 8 * r, M - 1)) * K;
+
+  // Software pipeline, one chunk deep: the packed words and raw scale codes of chunk c + 1
+  // are loaded before chunk c is decoded and multiplied, so their DRAM/L2 latency hides
+  // behind a chunk's ~1000 instructions instead of stalling every chunk; the scales are
+  // finished (the arithmetic of decode_scale) once the next chunk's loads are in flight.
+  // Lanes past the row's last group (a chunk of < 4 groups, K % 128 != 0) load the row's
+  // last group, a valid address, and get scale 0 and zero activations.
+  uint32_t w[NT][Bits], wn[NT][Bits];
+  ScaleRaw raw_lo[NT], raw_hi[NT];
+  const bool split = log2_b0 == 4;  // B0 = 16: a group's second half has its own scale
+  auto fetch = [&](int c, uint32_t (&wd)[NT][Bits]) {
+    const int qc = min(4 * c + t, G - 1);
 #pragma unroll
     for (int j = 0; j < NT; ++j)
-      load_group<Bits>(qcodes + static_cast<int64_t>(row_group[j] + qc) * Bits, w[j]);
-    float s_lo[NT], s_hi[NT];
+      load_group<Bits>(qcodes + static_cast<int64_t>(row_group[j] + qc) * Bits, wd[j]);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const uint32_t j0 = static_cast<uint32_t>(row_group[j] + qc) * 32u >> log2_b0;
-      s_lo[j] = active ? decode_scale(sa, o, j0) : 0.f;
-      // B0 = 16: the group's second half has its own scale (groups are full: it exists).
-      s_hi[j] = log2_b0 == 4 ? (active ? decode_scale(sa, o, j0 + 1) : 0.f) : s_lo[j];
+      raw_lo[j] = load_scale_raw(sa, j0);
+      if (split) raw_hi[j] = load_scale_raw(sa, j0 + 1);  // groups are full: it exists
     }
-    const int64_t k0 = static_cast<int64_t>(qc) * 32;
+  };
+  float s_lo[NT], s_hi[NT];
+  auto finish = [&](int c) {
+    const bool active = 4 * c + t < G;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      s_lo[j] = active ? finish_scale(sa, raw_lo[j], o) : 0.f;
+      s_hi[j] = split ? (active ? finish_scale(sa, raw_hi[j], o) : 0.f) : s_lo[j];
+    }
+  };
+  if (c_begin < c_end) {
+    fetch(c_begin, w);
+    finish(c_begin);
+  }
+  for (int c = c_begin; c < c_end; ++c) {
+    const bool active = 4 * c + t < G;
+    const int64_t k0 = static_cast<int64_t>(min(4 * c + t, G - 1)) * 32;
+    const bool more = c + 1 < c_end;  // warp-uniform
+    if (more) fetch(c + 1, wn);
 #pragma unroll
     for (int h = 0; h < 4; ++h) {  // quarter-groups: 8 codes = MMA steps 2h, 2h+1
-      // A: x[m][k0 + 8h .. +7] for the lane's two rows of every M tile (zero past M or G).
+      // A: x[m][k0 + 8h .. +7] for the lane's two rows of every M tile (zero past G).
       uint4 xa[MT16][2];
 #pragma unroll
       for (int i = 0; i < MT16; ++i)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int m = 16 * i + g + 8 * r;
-          xa[i][r] = (active && m < M)
-                         ? *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K +
-                                                           k0 + 8 * h)
-                         : make_uint4(0u, 0u, 0u, 0u);
+          const uint4 v = *reinterpret_cast<const uint4*>(xrow[i][r] + k0 + 8 * h);
+          xa[i][r] = active ? v : make_uint4(0u, 0u, 0u, 0u);
         }
       // B: levels of codes 8h..8h+7 of each n-tile's group, scaled, as XT pairs.
       uint32_t b[NT][4];
@@ -159,6 +188,13 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
           }
         }
       }
+    }
+    if (more) {
+      finish(c + 1);
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int v = 0; v < Bits; ++v) w[j][v] = wn[j][v];
     }
   }
 
