@@ -102,10 +102,10 @@ def main(model_dir, out):
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(res, f)
-    # Neither the Trainer nor accelerate destroys the process group. Left to the interpreter's
-    # teardown, gloo's worker threads can still hold tensors then, and a thread that needs the
-    # GIL after finalization began aborts the rank (pytorch/pytorch#190489), as every
-    # torchrun script must do at its end.
+    # Neither the Trainer nor accelerate destroys the process group, so this script does, as
+    # every torchrun script should: left to the interpreter's teardown, gloo's worker threads
+    # can still hold tensors, and one that needs the GIL after finalization began aborts the
+    # rank (pytorch/pytorch#190489).
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
