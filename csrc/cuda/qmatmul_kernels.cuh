@@ -25,6 +25,8 @@
 //    flight (80 registers/thread -> up to 24 warps/SM); the cross-warp sum goes through
 //    shared memory once per block.
 #pragma once
+#include <type_traits>
+
 #include "common.cuh"
 #include "lora.cuh"
 
@@ -48,6 +50,15 @@ __device__ __forceinline__ float lora_term(const LoraArgs& l, int m, int64_t n) 
   return l.scale * s;
 }
 
+// Why not a pair table (256 entries of two levels, one 8-byte load per two codes)? Tried
+// with 16 interleaved copies (32 KiB, conflict-free) against the SASS cost model: it saves
+// one instruction per weight (692 -> 558 per 4-row step at M = 1), but not shared-memory
+// traffic (a warp's 8-byte load is two wavefronts: one per 32 weights, as here), and
+// filling 32 KiB per 4-row block adds a quarter to it; several row tiles per block
+// amortize the fill but unbalance the waves. M = 1 NF4 8192^2 came out at 2.68x on an
+// H100 against 2.81x. The table's wavefronts (~9 us at 8192^2 on 132 SMs) bound any
+// shared-memory decode; past that, decoding has to stay in registers.
+//
 // Levels (fp32) of codes [8c, 8c + 8) of one group, read from the shared-memory LUT.
 // `c` must be a compile-time constant after unrolling (register array indices).
 template <int Bits>
@@ -96,12 +107,18 @@ __device__ __forceinline__ void lookup8(const float* lut, const uint32_t (&w)[Bi
 // occupancy heuristic, ptxas gives the M = 1 kernels 64-72 registers and reloads a spilled
 // scalar from local memory in the weight loop. The budget is the most blocks per SM without
 // a spill: 80 registers (6 blocks) for NF2-NF5, 96 (5 blocks) for NF6-NF8, whose unpacking
-// needs more (they spill at 80).
-template <int MT, int Bits>
-inline constexpr int kFastMaxRegs = MT == 1 ? (Bits <= 5 ? 80 : 96) : 168;
+// needs more (they spill at 80). M = 2..4 (MT = 4): left alone, ptxas picks 128-168
+// registers, i.e. 3 blocks per SM above 128; a budget of 128 (4 blocks, spill-free) where it
+// picks more. bf16 NF3-NF6 land on 128 by themselves, and the explicit budget lengthens
+// their schedule (~2% in the cost model), so they keep the default.
+template <int MT, int Bits, typename XT>
+inline constexpr int kFastMaxRegs =
+    MT == 1 ? (Bits <= 5 ? 80 : 96)
+            : (MT <= 4 && !(std::is_same_v<XT, __nv_bfloat16> && Bits >= 3 && Bits <= 6) ? 128
+                                                                                         : 168);
 
 template <int Bits, typename XT, int MT, int R>
-__global__ void LQ_MAXNREG((kFastMaxRegs<MT, Bits>))
+__global__ void LQ_MAXNREG((kFastMaxRegs<MT, Bits, XT>))
     qmatmul_fast_kernel(const XT* __restrict__ x, int M, int K, int N,
                         const uint32_t* __restrict__ qcodes, ScaleArgs sa,
                         const float* __restrict__ offset, const float* __restrict__ levels,
