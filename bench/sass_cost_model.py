@@ -290,14 +290,16 @@ def run_model(kernels, shapes, ms, bits_list, graph: bool) -> Dict[str, list]:
 
 
 def fast_vs_mma(kernels, shapes, bits_list, graph: bool) -> List[dict]:
-    """Both fused kernels at M = 1..4 (16-bit x), where dispatch runs only the fast one."""
+    """Both fused kernels at M = 1..4 (16-bit x), where dispatch runs the fast one except
+    for tall NF2-NF4 matrices at M >= 2 (paths.use_mma)."""
     ix = module.index(kernels)
     rows = []
     for shape in shapes:
         N, K = shape_dims(shape)
         for bits in bits_list:
             for M in (1, 2, 3, 4):
-                row: dict = dict(shape=f"{shape} {N}x{K}", bits=bits, M=M, faster={})
+                row: dict = dict(shape=f"{shape} {N}x{K}", bits=bits, M=M, faster={},
+                                 dispatched=paths.fused_kernel("bfloat16", M, N, K, bits))
                 for kind in paths.FUSED_KERNELS:
                     d: dict = {}
                     for dev in (hw.H100, hw.H200):

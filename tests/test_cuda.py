@@ -328,6 +328,36 @@ def test_qmatmul_tensor_cores_pick_exact_columns(c, m, xdt, be):
     _assert_equal(got, wd[:, pick].t().contiguous(), f"qmatmul(one-hot) {c.name} M={m}")
 
 
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_qmatmul_tall_small_m_on_tensor_cores(m, be):
+    # M = 2..4 of a matrix with >= 10240 rows goes to the tensor-core kernel for NF2-NF4
+    # (launch.h qmatmul_use_mma), NF5+ stays on the decode kernel: one-hot rows are exact
+    # on both, random rows (+ LoRA) within the baseline tolerance. 10248 rows: a partial
+    # last block of 32 rows.
+    rows, cols = 10248, 160  # 5 groups per row: one chunk and a partial one
+    for c in (grid.DEFAULT, QuantConfig(2, 32, 8, 64), QuantConfig(3, 16, 4, 64),
+              QuantConfig(5, 64, 8, 64)):
+        packed, w = _packed(be, rows, cols, c, seed=m)
+        wd = CPU.dequantize(*_quant_cpu(grid.make_weight(rows, cols, seed=m), c),
+                            lqlora_ext.nf_code(c.bits), rows, cols, *_args(c), torch.bfloat16)
+        pick = torch.randperm(cols, generator=torch.Generator().manual_seed(m))[:m]
+        x = torch.zeros(m, cols, dtype=torch.bfloat16)
+        x[torch.arange(m), pick] = 1
+        got = be.ops.qmatmul(x.to(be.dev), *packed, rows, *_args(c), None, None, 1.0)
+        _assert_equal(got, wd[:, pick].t().contiguous(), f"qmatmul(one-hot) {c.name} M={m}")
+        x = torch.randn(m, cols, device=be.dev).to(torch.bfloat16)
+        # Which kernel ran shows in the numbers: the tensor-core kernel multiplies weights
+        # decoded to bf16 (its outputs are x @ wd^T rounded once, up to fp32 summation
+        # order), the decode kernel fp32 weights.
+        got = be.ops.qmatmul(x, *packed, rows, *_args(c), None, None, 1.0).cpu()
+        ref = (x.cpu().double() @ (wd if c.bits <= 4 else w.cpu()).double().t()).bfloat16()
+        assert (got == ref).double().mean() > 0.9, f"{c.name} M={m}: not the expected kernel"
+        a = (torch.randn(16, cols, device=be.dev) / cols ** 0.5).to(torch.bfloat16)
+        b = torch.randn(rows, 16, device=be.dev).to(torch.bfloat16)
+        _check(be.ops.qmatmul(x, *packed, rows, *_args(c), a, b, 0.5), x, w, a, b, 0.5,
+               what=f"qmatmul+lora {c.name} M={m} tall")
+
+
 @pytest.mark.parametrize("m", [6, 32, 77, 128])
 @pytest.mark.parametrize("shape", [shapes.BY_NAME["smollm2-up"], shapes.BY_NAME["smollm2-down"]],
                          ids=["1536x576", "576x1536"])

@@ -31,6 +31,7 @@ from .module import Kernel
 
 K_SMALL_M = 16          # launch.h kSmallM
 K_MMA_MIN_M = 4         # launch.h kMmaMinM: the tensor-core kernel takes M > 4
+K_MMA_TALL_ROWS = 10240  # launch.h kMmaTallRows: and M >= 2 for NF2-NF4 with this many rows
 K_MMA_MAX_M = 64        # launch.h kMmaMaxM
 K_CHUNK_ELEMS = 1 << 26  # ops_cuda.cpp kChunkElems
 FUSED_KERNELS = ("fast", "mma")
@@ -117,12 +118,19 @@ def fused_max_m(x_dtype: str, K: int) -> int:
     return K_MMA_MAX_M if x_dtype != "float32" and K % 32 == 0 else K_SMALL_M
 
 
-def fused_kernel(x_dtype: str, M: int, K: int) -> Optional[str]:
+def use_mma(x_dtype: str, M: int, N: int, K: int, bits: int) -> bool:
+    """launch.h qmatmul_use_mma."""
+    if x_dtype == "float32" or K % 32 != 0:
+        return False
+    return M > K_MMA_MIN_M or (M >= 2 and N >= K_MMA_TALL_ROWS and bits <= 4)
+
+
+def fused_kernel(x_dtype: str, M: int, N: int, K: int, bits: int) -> Optional[str]:
     """Which fused kernel qmatmul_small launches for M ("mma", "fast"; None: the generic
     kernel for K % 32 != 0 or the dequantize + cuBLAS path beyond fused_max_m)."""
     if M > fused_max_m(x_dtype, K):
         return None
-    if x_dtype != "float32" and K % 32 == 0 and M > K_MMA_MIN_M:
+    if use_mma(x_dtype, M, N, K, bits):
         return "mma"
     return "fast" if K % 32 == 0 else None
 
@@ -162,7 +170,7 @@ def qmatmul_path(ix, dev: Device, shape: str, N: int, K: int, M: int, bits: int,
     xt = CXX_TYPE[x_dtype]
     base = Ctx(N, K, M, bits, x_dtype=x_dtype, lora_rank=lora_rank)
     steps: List[Step] = []
-    kind = kernel or fused_kernel(x_dtype, M, K)
+    kind = kernel or fused_kernel(x_dtype, M, N, K, bits)
     if kind is None and M <= fused_max_m(x_dtype, K):
         raise PathError(f"K = {K} is not a multiple of 32: the generic kernel is not modeled")
     if kind is not None:

@@ -115,23 +115,26 @@ def md_targets(doc: dict, before: Optional[dict]) -> List[str]:
 
 
 def md_fast_vs_mma(rows: List[dict]) -> List[str]:
-    """The two fused kernels at M = 1..4, where only the CUDA-core one is dispatched."""
+    """The two fused kernels at M = 1..4 and the one dispatch picks."""
     if not rows:
         return []
     L = ["## CUDA-core decode kernel vs tensor-core kernel at M = 1..4 (16-bit x)", "",
-         "qmatmul_fast_kernel (dispatched: (MT, R) = (1, 4) at M = 1, (4, 4) at M = 2..4) against "
-         "qmatmul_mma_kernel<Bits, bf16, 1> modeled at the same M (dispatch sends it only M > 4). "
-         "instr/w: lane-instructions per weight over the launch; `faster`: the kernel predicted "
-         "faster on that device.", "",
+         "qmatmul_fast_kernel ((MT, R) = (1, 4) at M = 1, (4, 4) at M = 2..4) against "
+         "qmatmul_mma_kernel<Bits, bf16, 1> at the same M. Dispatch sends M >= 2 of NF2-NF4 "
+         "matrices with at least 10240 rows to the tensor-core kernel (launch.h "
+         "qmatmul_use_mma), everything else at M <= 4 to the decode kernel. instr/w: "
+         "lane-instructions per weight over the launch; `faster`: the kernel predicted faster "
+         "on that device; `dispatched`: the one the op runs.", "",
          "| shape | NF | M | fast instr/w | mma instr/w | H100 fast us (bound) | H100 mma us (bound) "
-         "| H100 faster | H200 fast us (bound) | H200 mma us (bound) | H200 faster |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| H100 faster | H200 fast us (bound) | H200 mma us (bound) | H200 faster | dispatched |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f, m = r["fast"], r["mma"]
         L.append(f"| {r['shape']} | {r['bits']} | {r['M']} | {f['instr_w']:.2f} | {m['instr_w']:.2f} | "
                  f"{f[H100]['us']:.1f} ({f[H100]['bound']}) | {m[H100]['us']:.1f} ({m[H100]['bound']}) | "
                  f"{r['faster'][H100]} | {f[H200]['us']:.1f} ({f[H200]['bound']}) | "
-                 f"{m[H200]['us']:.1f} ({m[H200]['bound']}) | {r['faster'][H200]} |")
+                 f"{m[H200]['us']:.1f} ({m[H200]['bound']}) | {r['faster'][H200]} | "
+                 f"{r.get('dispatched') or '-'} |")
     return L + [""]
 
 
@@ -190,10 +193,12 @@ def to_markdown(doc: dict, targets: Sequence[dict], before: Optional[dict] = Non
     L += md_lora(doc.get("lora_detail", []))
     L += md_path_table(R.get("decode", []), "qmatmul, M <= 4: CUDA-core decode kernel",
                        "qmatmul_fast_kernel<Bits, bf16, MT, R>: (MT, R) = (1, 4) at M = 1, (4, 4) at "
-                       "M <= 4.", targets, old)
+                       "M <= 4; not M >= 2 of NF2-NF4 matrices with >= 10240 rows (the next "
+                       "table).", targets, old)
     L += md_path_table(R.get("tensor_core", []), "qmatmul, 4 < M <= 64: tensor-core kernel",
                        "qmatmul_mma_kernel<Bits, bf16, MT16>: MT16 = 1, 2, 4 M tiles of 16 for "
-                       "M <= 16, 32, 64. Target at M = 16, 8192^2: >= 2.5x.", targets, old)
+                       "M <= 16, 32, 64, and M = 2..4 of NF2-NF4 matrices with >= 10240 rows. "
+                       "Target at M = 16, 8192^2: >= 2.5x.", targets, old)
     L += md_path_table(R.get("large_m", []), "qmatmul, M > 64: dequantize + cuBLAS",
                        "dequantize_kernel (chunks of 2^26 / K rows) then cuBLAS, each chunk's "
                        "product written into its columns of out. Target at M = 1024, 8192^2: >= 0.9x.", targets, old)

@@ -93,9 +93,21 @@ cudaError_t launch_quantize(const float* w, int64_t rows, int64_t cols, const fl
 // Fused qmatmul, 1 <= M <= qmatmul_fused_max_m(x_dtype): out[M, rows] = x[M, cols] @ W^T
 // (+ LoRA), fp32 accumulation, out in x_dtype. x contiguous [M, cols]. lora may be null.
 // fp32 x: CUDA cores up to kSmallM rows; 16-bit x: tensor cores for kMmaMinM < M <= kMmaMaxM
-// when cols % 32 == 0 (CUDA cores below, and for other cols up to kSmallM).
+// when cols % 32 == 0 (CUDA cores below, and for other cols up to kSmallM), and at
+// 2 <= M <= kMmaMinM too for tall NF2-NF4 matrices (qmatmul_use_mma).
 constexpr int kSmallM = 16;
 constexpr int kMmaMinM = 4;
+// At M = 2..4 the decode kernel redoes its per-weight work for every row of x, the
+// tensor-core kernel does not; but it has a grid of rows / 32 blocks, which leaves the SMs
+// short of warps below ~10k rows. The SASS cost model (bench/results/sass_cost_model.md,
+// "CUDA-core decode kernel vs tensor-core kernel") puts it 1.16-1.5x ahead at 11008 and
+// 28672 rows for NF2-NF4, behind at 8192 rows and below (0.4-0.9x at M = 2), and even
+// for NF8.
+constexpr int64_t kMmaTallRows = 10240;
+inline bool qmatmul_use_mma(bool x16, int M, int64_t rows, int64_t cols, int bits) {
+  if (!x16 || cols % 32 != 0) return false;
+  return M > kMmaMinM || (M >= 2 && rows >= kMmaTallRows && bits <= 4);
+}
 // Beyond 64 rows dequantize + cuBLAS wins: the SASS cost model puts M = 128 at 183 us on
 // the MMA kernel (every warp reloads its x rows per chunk through L1) against 104 us, for
 // 8192^2 NF4 on an H100 (bench/results/sass_cost_model.md).

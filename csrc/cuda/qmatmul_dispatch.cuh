@@ -1,6 +1,7 @@
 // Picks the fused qmatmul kernel for (x dtype, bits, M, K) and launches it, the LoRA term
 // in the same launch (lora.cuh) when K % 32 == 0:
-//   16-bit x, K % 32 == 0, kMmaMinM < M <= kMmaMaxM: tensor cores (qmatmul_mma.cuh);
+//   16-bit x, K % 32 == 0, kMmaMinM < M <= kMmaMaxM (or M >= 2 for tall NF2-NF4 matrices,
+//   qmatmul_use_mma): tensor cores (qmatmul_mma.cuh);
 //   M <= kSmallM otherwise: CUDA cores, the decode kernel (K % 32 == 0) or the generic one.
 // Included once per activation dtype by qmatmul_{fp32,bf16,fp16}.cu (explicit
 // instantiation), so the kernel variants compile in parallel translation units.
@@ -46,7 +47,7 @@ cudaError_t qmatmul_small(const XT* x, int M, const PackedView& w, const LoraVie
                                       stream);
     if (err != cudaSuccess) return err;
   }
-  if (kMma && M > kMmaMinM) {
+  if (kMma && qmatmul_use_mma(true, M, w.rows, w.cols, w.bits)) {
     if constexpr (kMma) return launch_qmatmul_mma<XT>(x, M, w, lf, out, stream);
   }
   const int G = K / 32;
