@@ -570,7 +570,7 @@ def findings(doc: dict, before: Optional[dict]) -> List[str]:
                 f"M = {M} on tensor cores: {r['us']:.1f} us ({r['speedup_vs_bf16']:.2f}x, "
                 f"{r['binding']}; smem/L1 {st['bounds_us']['smem/L1']:.1f} us: every warp reloads "
                 f"its x rows per chunk)" + (f" vs {o['us']:.1f} us ({o['speedup_vs_bf16']:.2f}x) "
-                                            f"for dequantize + cuBLAS before" if o else "") + ".")
+                                            f"before ({o['path']})" if o else "") + ".")
     return out
 
 

@@ -510,6 +510,7 @@ MMA_PARAMS = (("x", PTR, 8), ("M", INT, 4), ("K", INT, 4), ("N", INT, 4), ("qcod
               ("sa", SCALE_ARGS), ("offset", PTR, 8), ("levels", PTR, 8), ("log2_b0", INT, 4),
               ("lora", LORA_FUSED), ("out", PTR, 8))
 K_MMA_WARPS = 4  # qmatmul_mma.cuh kMmaWarps
+SMS = 132  # H100 SXM and H200 SXM: the SM count the launchers size their grids for
 
 
 def mma_nt(mt16: int) -> int:
@@ -517,10 +518,27 @@ def mma_nt(mt16: int) -> int:
     return 4 if mt16 <= 2 else (2 if mt16 == 4 else 1)
 
 
-def mma_geometry(K: int) -> Tuple[int, List[int]]:
-    """(WK, chunks of each warp y) of qmatmul_mma_kernel for K (K % 32 == 0)."""
+def mma_max_warps(mt16: int) -> int:
+    """MmaTraits<MT16>::kMaxWarps."""
+    return 2 * K_MMA_WARPS if mt16 == 1 else K_MMA_WARPS
+
+
+def mma_warps(chunks: int, blocks: int, lora: bool, max_warps: int, sms: int = SMS) -> int:
+    """qmatmul_mma.cuh mma_warps: warps per block along K."""
+    if chunks < 8:
+        return 1
+    if chunks < 16:
+        return 2
+    warps4 = 4 * blocks
+    few = warps4 < 8 * sms or (chunks >= 64 and warps4 < 16 * sms)
+    return 8 if max_warps >= 8 and chunks >= 32 and not lora and few else 4
+
+
+def mma_geometry(K: int, blocks: int, lora: bool, mt16: int) -> Tuple[int, List[int]]:
+    """(WK, chunks of each warp y) of qmatmul_mma_kernel<.., MT16> for K (K % 32 == 0) and
+    a grid of ``blocks`` row blocks."""
     chunks = math.ceil(K // 32 / 4)
-    WK = K_MMA_WARPS if chunks >= 4 * K_MMA_WARPS else (2 if chunks >= 8 else 1)
+    WK = mma_warps(chunks, blocks, lora, mma_max_warps(mt16))
     pw = math.ceil(chunks / WK)
     return WK, [max(0, min(chunks, (y + 1) * pw) - y * pw) for y in range(WK)]
 
@@ -529,9 +547,9 @@ def mma_launch(spec: KernelSpec, ctx: Ctx) -> Launch:
     mt16 = ctx.t[2]
     NT = mma_nt(mt16)
     N, K, M = ctx.N, ctx.K, ctx.M
-    WK, chunks = mma_geometry(K)
     base = math.ceil(N / (8 * NT))
     P = lora_producers(ctx.lora_rank, M, K)
+    WK, chunks = mma_geometry(K, base, P > 0, mt16)
     grid = P + base
     vals = {"x": DUMMY_PTR, "M": M, "K": K, "N": N, "qcodes": DUMMY_PTR, "offset": DUMMY_PTR,
             "levels": DUMMY_PTR, "log2_b0": int(math.log2(ctx.block_size)), "out": DUMMY_PTR,

@@ -41,6 +41,9 @@ struct MmaTraits {
   static_assert(MT16 == 1 || MT16 == 2 || MT16 == 4 || MT16 == 8, "M tiles: 1, 2, 4 or 8");
   static constexpr int NT = MT16 <= 2 ? 4 : (MT16 == 4 ? 2 : 1);  // n-tiles per warp
   static constexpr int kRowsPerBlock = 8 * NT;
+  // Most warps per block along K (mma_warps): 8 for one M tile. With more M tiles ptxas
+  // spills under the 8-warp launch bound and the cost model has M = 64 slower.
+  static constexpr int kMaxWarps = MT16 == 1 ? 2 * kMmaWarps : kMmaWarps;
 };
 
 // Two XT values -> one 32-bit MMA operand register (lower k in the low half).
@@ -63,7 +66,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 //   lora   : the fused LoRA term (lora.cuh); its up-projection is a second, small MMA
 // Grid: lora.producers + ceil(N / (8*NT)) blocks of (32, WK) threads.
 template <int Bits, typename XT, int MT16>
-__global__ void __launch_bounds__(32 * kMmaWarps)
+__global__ void __launch_bounds__(32 * MmaTraits<MT16>::kMaxWarps)
     qmatmul_mma_kernel(const XT* __restrict__ x, int M, int K, int N,
                        const uint32_t* __restrict__ qcodes, ScaleArgs sa,
                        const float* __restrict__ offset, const float* __restrict__ levels,
@@ -72,7 +75,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
   constexpr int NT = Tr::NT;
   constexpr int kLevels = 1 << Bits;
   __shared__ float lut[kLevels];
-  __shared__ float red[kMmaWarps - 1][NT][MT16][32][4];
+  __shared__ float red[Tr::kMaxWarps - 1][NT][MT16][32][4];
 
   const int lane = threadIdx.x, wk = threadIdx.y, WK = blockDim.y;
   const int g = lane >> 2, t = lane & 3;
@@ -287,6 +290,22 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
     return __VA_ARGS__();                                       \
   }()
 
+// Warps per block along K for `chunks` 128-k chunks and `blocks` row blocks (at most
+// max_warps = MmaTraits::kMaxWarps). 4 while the
+// grid is big enough; 8 where 4-warp blocks would leave an SM under 8 warps, or under 16
+// with 8+ chunks per warp: the chunk loop is latency-bound there (M = 16, 8192^2 has 256
+// blocks; the SASS cost model: 1.51x -> 2.12x on an H100), while with many blocks the
+// extra cross-warp sums only cost (N = 11008, K = 4096: -5-12%). At most 4 with the fused
+// LoRA term: 8-warp blocks halve the resident blocks, and the consumers would wait for
+// the producers' slots.
+inline int mma_warps(int chunks, int blocks, bool lora, int sms, int max_warps) {
+  if (chunks < 8) return 1;
+  if (chunks < 16) return 2;
+  const int warps4 = 4 * blocks;
+  const bool few = warps4 < 8 * sms || (chunks >= 64 && warps4 < 16 * sms);
+  return max_warps >= 8 && chunks >= 32 && !lora && few ? 8 : 4;
+}
+
 template <typename XT>
 cudaError_t launch_qmatmul_mma(const XT* x, int M, const PackedView& w, const LoraFused& la,
                                XT* out, cudaStream_t stream) {
@@ -294,11 +313,18 @@ cudaError_t launch_qmatmul_mma(const XT* x, int M, const PackedView& w, const Lo
   const ScaleArgs sa =
       make_scale_args(w.qscales, w.scale2, w.scale2_dtype, w.scale_bits, w.scale_block_size);
   const int chunks = ceil_div(K / 32, 4);
-  const int WK = chunks >= 4 * kMmaWarps ? kMmaWarps : (chunks >= 8 ? 2 : 1);
-  const dim3 block(32, WK);
+  int dev = 0, sms = 132;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();  // clear; size for a 132-SM part
+    sms = 132;
+  }
   return LQ_CUDA_BITS_SWITCH(w.bits, [&] {
     return LQ_MMA_MT16_SWITCH(M, [&] {
-      const int grid = la.producers + ceil_div(N, MmaTraits<kMT16>::kRowsPerBlock);
+      const int blocks = ceil_div(N, MmaTraits<kMT16>::kRowsPerBlock);
+      const dim3 block(32, mma_warps(chunks, blocks, la.producers > 0, sms,
+                                     MmaTraits<kMT16>::kMaxWarps));
+      const int grid = la.producers + blocks;
       LQ_LAUNCH(grid, block, 0, stream, qmatmul_mma_kernel<kBits, XT, kMT16>)(
           x, M, K, N, w.qcodes, sa, w.offset, w.levels, ilog2(w.block_size), la, out);
       return cudaGetLastError();
