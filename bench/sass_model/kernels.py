@@ -529,9 +529,10 @@ def mma_warps(chunks: int, blocks: int, lora: bool, max_warps: int, sms: int = S
         return 1
     if chunks < 16:
         return 2
-    warps4 = 4 * blocks
-    few = warps4 < 8 * sms or (chunks >= 64 and warps4 < 16 * sms)
-    return 8 if max_warps >= 8 and chunks >= 32 and not lora and few else 4
+    warps = K_MMA_WARPS * blocks
+    few = warps < 8 * sms or (chunks >= 8 * max_warps and warps < 16 * sms)
+    return (max_warps if max_warps > K_MMA_WARPS and chunks >= 4 * max_warps and not lora
+            and few else K_MMA_WARPS)
 
 
 def mma_geometry(K: int, blocks: int, lora: bool, mt16: int) -> Tuple[int, List[int]]:

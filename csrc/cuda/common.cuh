@@ -31,6 +31,18 @@ __host__ __device__ __forceinline__ T ceil_div(T a, T b) {
   return (a + b - 1) / b;
 }
 
+// SMs of the current device, host side, for launchers that size their grids to it; an
+// H100-sized 132 if the query fails (the error is cleared).
+inline int device_sm_count() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 132;
+  }
+  return sms;
+}
+
 // log2 of a power of two (block sizes), host side.
 inline int ilog2(int v) {
   int s = 0;

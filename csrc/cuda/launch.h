@@ -104,8 +104,9 @@ constexpr int kMmaMinM = 4;
 // 28672 rows for NF2-NF4, behind at 8192 rows and below (0.4-0.9x at M = 2), and even
 // for NF8.
 constexpr int64_t kMmaTallRows = 10240;
-inline bool qmatmul_use_mma(bool x16, int M, int64_t rows, int64_t cols, int bits) {
-  if (!x16 || cols % 32 != 0) return false;
+// For 16-bit x (the tensor-core kernel takes nothing else).
+inline bool qmatmul_use_mma(int M, int64_t rows, int64_t cols, int bits) {
+  if (cols % 32 != 0) return false;
   return M > kMmaMinM || (M >= 2 && rows >= kMmaTallRows && bits <= 4);
 }
 // Beyond 64 rows dequantize + cuBLAS wins: the SASS cost model puts M = 128 at 183 us on

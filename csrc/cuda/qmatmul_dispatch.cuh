@@ -47,7 +47,7 @@ cudaError_t qmatmul_small(const XT* x, int M, const PackedView& w, const LoraVie
                                       stream);
     if (err != cudaSuccess) return err;
   }
-  if (kMma && qmatmul_use_mma(true, M, w.rows, w.cols, w.bits)) {
+  if (kMma && qmatmul_use_mma(M, w.rows, w.cols, w.bits)) {
     if constexpr (kMma) return launch_qmatmul_mma<XT>(x, M, w, lf, out, stream);
   }
   const int G = K / 32;

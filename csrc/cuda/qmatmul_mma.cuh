@@ -290,10 +290,10 @@ __global__ void __launch_bounds__(32 * MmaTraits<MT16>::kMaxWarps)
     return __VA_ARGS__();                                       \
   }()
 
-// Warps per block along K for `chunks` 128-k chunks and `blocks` row blocks (at most
-// max_warps = MmaTraits::kMaxWarps). 4 while the
-// grid is big enough; 8 where 4-warp blocks would leave an SM under 8 warps, or under 16
-// with 8+ chunks per warp: the chunk loop is latency-bound there (M = 16, 8192^2 has 256
+// Warps per block along K for `chunks` 128-k chunks and `blocks` row blocks, at most
+// max_warps = MmaTraits::kMaxWarps. kMmaWarps (4) while the grid is big enough; max_warps
+// (8) where 4-warp blocks would leave an SM under 8 warps, or under 16 with 8+ chunks per
+// warp: the chunk loop is latency-bound there (M = 16, 8192^2 has 256
 // blocks; the SASS cost model: 1.51x -> 2.12x on an H100), while with many blocks the
 // extra cross-warp sums only cost (N = 11008, K = 4096: -5-12%). At most 4 with the fused
 // LoRA term: 8-warp blocks halve the resident blocks, and the consumers would wait for
@@ -301,9 +301,10 @@ __global__ void __launch_bounds__(32 * MmaTraits<MT16>::kMaxWarps)
 inline int mma_warps(int chunks, int blocks, bool lora, int sms, int max_warps) {
   if (chunks < 8) return 1;
   if (chunks < 16) return 2;
-  const int warps4 = 4 * blocks;
-  const bool few = warps4 < 8 * sms || (chunks >= 64 && warps4 < 16 * sms);
-  return max_warps >= 8 && chunks >= 32 && !lora && few ? 8 : 4;
+  const int warps = kMmaWarps * blocks;
+  const bool few = warps < 8 * sms || (chunks >= 8 * max_warps && warps < 16 * sms);
+  return max_warps > kMmaWarps && chunks >= 4 * max_warps && !lora && few ? max_warps
+                                                                         : kMmaWarps;
 }
 
 template <typename XT>
@@ -313,12 +314,7 @@ cudaError_t launch_qmatmul_mma(const XT* x, int M, const PackedView& w, const Lo
   const ScaleArgs sa =
       make_scale_args(w.qscales, w.scale2, w.scale2_dtype, w.scale_bits, w.scale_block_size);
   const int chunks = ceil_div(K / 32, 4);
-  int dev = 0, sms = 132;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    cudaGetLastError();  // clear; size for a 132-SM part
-    sms = 132;
-  }
+  const int sms = device_sm_count();
   return LQ_CUDA_BITS_SWITCH(w.bits, [&] {
     return LQ_MMA_MT16_SWITCH(M, [&] {
       const int blocks = ceil_div(N, MmaTraits<kMT16>::kRowsPerBlock);

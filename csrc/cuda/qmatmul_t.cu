@@ -166,12 +166,7 @@ int column_blocks(int64_t cols) {
 
 int qmatmul_t_splits(int64_t rows, int64_t cols, int M) {
   (void)M;
-  int dev = 0, sms = 132;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    cudaGetLastError();  // clear; fall back to an H100-sized guess
-    sms = 132;
-  }
+  const int sms = device_sm_count();
   // Four blocks per SM, at most 64 splits (bounds the partial buffer to 64 * M * K floats)
   // and at least 32 rows per split (so each thread has a few unrolled row batches).
   const int want = ceil_div(4 * sms, column_blocks(cols));
