@@ -1,6 +1,6 @@
 // Named wrappers for the inline PTX the kernels use: tensor-core MMA, ldmatrix, cp.async,
-// and the acquire/release pair of a grid-level flag.
-// Each is one instruction on the GPU. Under the SIMT emulator (LQLORA_EMU) the same names are
+// a shared-memory table load, and the acquire/release pair of a grid-level flag.
+// Each is one instruction on the GPU (the table load two). Under the SIMT emulator (LQLORA_EMU) the same names are
 // defined by csrc/emu/ptx_emu.h from the PTX ISA's fragment layouts, as warp collectives; this
 // #if is, with LQ_LAUNCH's, the only place kernel code tells the two builds apart.
 //
@@ -74,6 +74,20 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// The fp32 at byte offset (byte k of `offs`) of a 256-byte aligned shared-memory table:
+// one byte permute builds the whole address (the table's shared-window address, whose low
+// byte is 0, with byte k of `offs` in its place) and one ld.shared reads it. sm_90 shared
+// addresses carry the block's cluster rank, so they are not constants; a generic pointer
+// `table + offset` costs a separate add per lookup wherever ptxas keeps the base in a
+// regular register.
+__device__ __forceinline__ float lds_table_byte(const float* table, uint32_t offs, int k) {
+  const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(table));
+  const unsigned a = __byte_perm(offs, base, 0x7650u | static_cast<unsigned>(k));
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
+  return v;
 }
 
 // A GPU-scope acquire load of a flag another block releases (ld.acquire.gpu).

@@ -29,6 +29,7 @@
 
 #include "common.cuh"
 #include "lora.cuh"
+#include "ptx.cuh"
 
 namespace lqlora::cuda {
 
@@ -58,24 +59,31 @@ __device__ __forceinline__ float lora_term(const LoraArgs& l, int m, int64_t n) 
 // amortize the fill but unbalance the waves. M = 1 NF4 8192^2 came out at 2.68x on an
 // H100 against 2.81x. The table's wavefronts (~9 us at 8192^2 on 132 SMs) bound any
 // shared-memory decode; past that, decoding has to stay in registers.
-//
-// Levels (fp32) of codes [8c, 8c + 8) of one group, read from the shared-memory LUT.
-// `c` must be a compile-time constant after unrolling (register array indices).
+
+// Alignment of the kernels' shared-memory LUT: lookup8 builds NF4 lookup addresses with one
+// byte permute into the table's address (ptx::lds_table_byte), which needs its low byte 0.
+// Other widths keep 16 bytes: a different shared layout is enough to tip ptxas into spills
+// in some of their tensor-core instances.
+template <int Bits>
+inline constexpr int kLutAlign = Bits == 4 ? 256 : 16;
+
+// Levels (fp32) of codes [8c, 8c + 8) of one group, read from the shared-memory LUT
+// (__align__(kLutAlign<Bits>)). `c` must be a compile-time constant after unrolling (register
+// array indices).
 template <int Bits>
 __device__ __forceinline__ void lookup8(const float* lut, const uint32_t (&w)[Bits], int c,
                                         float (&lv)[8]) {
   if constexpr (Bits == 4) {
     // Word c holds codes 8c..8c+7 as nibbles. Scale them to byte offsets (x4) in two masks,
     // even codes in `e`, odd codes in `o`, one per byte; a byte permute then moves each
-    // byte offset to the bottom of a register (zero-filled) for the shared-memory load.
+    // byte offset into the low byte of the table's address for the shared-memory load.
     const uint32_t word = w[c];
     const uint32_t e = (word << 2) & 0x3c3c3c3cu;
     const uint32_t o = (word >> 2) & 0x3c3c3c3cu;
-    const char* base = reinterpret_cast<const char*>(lut);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      lv[2 * k] = *reinterpret_cast<const float*>(base + __byte_perm(e, 0u, 0x4440u | k));
-      lv[2 * k + 1] = *reinterpret_cast<const float*>(base + __byte_perm(o, 0u, 0x4440u | k));
+      lv[2 * k] = ptx::lds_table_byte(lut, e, k);
+      lv[2 * k + 1] = ptx::lds_table_byte(lut, o, k);
     }
   } else {
 #pragma unroll
@@ -109,13 +117,15 @@ __device__ __forceinline__ void lookup8(const float* lut, const uint32_t (&w)[Bi
 // a spill: 80 registers (6 blocks) for NF2-NF5, 96 (5 blocks) for NF6-NF8, whose unpacking
 // needs more (they spill at 80). M = 2..4 (MT = 4): left alone, ptxas picks 128-168
 // registers, i.e. 3 blocks per SM above 128; a budget of 128 (4 blocks, spill-free) where it
-// picks more. bf16 NF3-NF6 land on 128 by themselves, and the explicit budget lengthens
-// their schedule (~2% in the cost model), so they keep the default.
+// picks more. bf16 NF3, NF5 and NF6 land on 128 by themselves, and the explicit budget
+// lengthens their schedule (~2% in the cost model), so they keep the default.
 template <int MT, int Bits, typename XT>
 inline constexpr int kFastMaxRegs =
     MT == 1 ? (Bits <= 5 ? 80 : 96)
-            : (MT <= 4 && !(std::is_same_v<XT, __nv_bfloat16> && Bits >= 3 && Bits <= 6) ? 128
-                                                                                         : 168);
+            : (MT <= 4 && !(std::is_same_v<XT, __nv_bfloat16> && Bits >= 3 && Bits <= 6 &&
+                             Bits != 4)
+                   ? 128
+                   : 168);
 
 template <int Bits, typename XT, int MT, int R>
 __global__ void LQ_MAXNREG((kFastMaxRegs<MT, Bits, XT>))
@@ -126,7 +136,7 @@ __global__ void LQ_MAXNREG((kFastMaxRegs<MT, Bits, XT>))
   static_assert(Bits >= 2 && Bits <= 8, "NF codes are 2..8 bits");
   static_assert(MT >= 1 && MT <= kSmallM && R >= 1, "tile shape");
   constexpr int kLevels = 1 << Bits;
-  __shared__ float lut[kLevels];
+  __shared__ __align__(kLutAlign<Bits>) float lut[kLevels];
   __shared__ float red[kQmmMaxWarps][R][MT];
 
   const int lane = threadIdx.x, wk = threadIdx.y, WK = blockDim.y;

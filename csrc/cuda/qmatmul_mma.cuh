@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(32 * MmaTraits<MT16>::kMaxWarps)
   using Tr = MmaTraits<MT16>;
   constexpr int NT = Tr::NT;
   constexpr int kLevels = 1 << Bits;
-  __shared__ float lut[kLevels];
+  __shared__ __align__(kLutAlign<Bits>) float lut[kLevels];
   __shared__ float red[Tr::kMaxWarps - 1][NT][MT16][32][4];
 
   const int lane = threadIdx.x, wk = threadIdx.y, WK = blockDim.y;

@@ -120,6 +120,16 @@ inline void cp_async_wait() {
   lqlora::emu::async_wait(N);
 }
 
+// The GPU builds the address by splicing the offset into the table's low byte, so a
+// table that is not 256-byte aligned would read the wrong entry there: checked here.
+inline float lds_table_byte(const float* table, uint32_t offs, int k,
+                            std::source_location loc = std::source_location::current()) {
+  lqlora::emu::check_aligned(table, 256, sizeof(float), "lds_table_byte", loc);
+  float v;
+  std::memcpy(&v, reinterpret_cast<const char*>(table) + ((offs >> (8 * k)) & 0xffu), sizeof v);
+  return v;
+}
+
 inline int ld_acquire_gpu(const int* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 inline void red_add_release_gpu(int* p, int v) { __atomic_fetch_add(p, v, __ATOMIC_RELEASE); }
 
