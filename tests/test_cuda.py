@@ -328,6 +328,28 @@ def test_qmatmul_tensor_cores_pick_exact_columns(c, m, xdt, be):
     _assert_equal(got, wd[:, pick].t().contiguous(), f"qmatmul(one-hot) {c.name} M={m}")
 
 
+PAIR_CONFIGS = [c for c in TC_CONFIGS if c.block_size >= 64]
+
+
+@pytest.mark.parametrize("m", [16, 40])
+@pytest.mark.parametrize("c", PAIR_CONFIGS, ids=grid.ids(PAIR_CONFIGS))
+def test_qmatmul_tensor_cores_paired_scales_exact(c, m, be):
+    # B0 >= 64 and an even group count per row: lanes t and t^1 of the tensor-core kernel
+    # share their scales (each decodes half the n-tiles and shuffles the rest over). 130
+    # groups per row: a partial last chunk whose active lanes are one pair. One-hot rows,
+    # so any scale taken from the wrong lane or n-tile shows as a mismatch.
+    rows, cols = 72, 4160
+    packed, _ = _packed(be, rows, cols, c, seed=m + 1)
+    wd = CPU.dequantize(*_quant_cpu(grid.make_weight(rows, cols, seed=m + 1), c),
+                        lqlora_ext.nf_code(c.bits), rows, cols, *_args(c), torch.bfloat16)
+    pick = torch.randperm(cols, generator=torch.Generator().manual_seed(m))[:m]
+    pick[0] = cols - 1  # the partial chunk
+    x = torch.zeros(m, cols, dtype=torch.bfloat16)
+    x[torch.arange(m), pick] = 1
+    got = be.ops.qmatmul(x.to(be.dev), *packed, rows, *_args(c), None, None, 1.0)
+    _assert_equal(got, wd[:, pick].t().contiguous(), f"qmatmul(one-hot, pairs) {c.name} M={m}")
+
+
 @pytest.mark.parametrize("m", [2, 3, 4])
 def test_qmatmul_tall_small_m_on_tensor_cores(m, be):
     # M = 2..4 of a matrix with >= 10240 rows goes to the tensor-core kernel for NF2-NF4

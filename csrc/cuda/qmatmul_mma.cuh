@@ -46,6 +46,19 @@ struct MmaTraits {
   static constexpr int kMaxWarps = MT16 == 1 ? 2 * kMmaWarps : kMmaWarps;
 };
 
+// Blocks of MmaTraits::kMaxWarps warps per SM that the register budget must allow
+// (__launch_bounds__' second argument). Left alone, ptxas gives most instances 210-250
+// registers, i.e. 2 blocks per SM. One M tile, NF2-NF5: 2 blocks of 8 warps (128
+// registers). Two M tiles: 3 blocks of 4 warps (168) up to NF6. Four: 4 blocks (128) up to
+// NF4, 3 above. Wider codes unpack more bits and keep the default. Under these budgets a
+// few instances keep a handful of spilled words in the chunk loop (NF4 with four M tiles:
+// 7 local accesses per chunk); the SASS cost model counts them, and the occupancy is worth
+// more (`bench/sass_cost_model.py --check-spills` lists them).
+template <int Bits, int MT16>
+inline constexpr int kMmaMinBlocks = MT16 == 1   ? (Bits <= 5 ? 2 : 1)
+                                     : MT16 == 2 ? (Bits <= 6 ? 3 : 1)
+                                                 : (Bits <= 4 ? 4 : 3);
+
 // Two XT values -> one 32-bit MMA operand register (lower k in the low half).
 template <typename XT>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -66,7 +79,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 //   lora   : the fused LoRA term (lora.cuh); its up-projection is a second, small MMA
 // Grid: lora.producers + ceil(N / (8*NT)) blocks of (32, WK) threads.
 template <int Bits, typename XT, int MT16>
-__global__ void __launch_bounds__(32 * MmaTraits<MT16>::kMaxWarps)
+__global__ void __launch_bounds__(32 * MmaTraits<MT16>::kMaxWarps, kMmaMinBlocks<Bits, MT16>)
     qmatmul_mma_kernel(const XT* __restrict__ x, int M, int K, int N,
                        const uint32_t* __restrict__ qcodes, ScaleArgs sa,
                        const float* __restrict__ offset, const float* __restrict__ levels,
@@ -125,25 +138,63 @@ __global__ void __launch_bounds__(32 * MmaTraits<MT16>::kMaxWarps)
   uint32_t w[NT][Bits], wn[NT][Bits];
   ScaleRaw raw_lo[NT], raw_hi[NT];
   const bool split = log2_b0 == 4;  // B0 = 16: a group's second half has its own scale
+  // Pairs: with B0 >= 64 and an even group count per row, lanes t and t^1 (groups 4c + t
+  // of one row, an even first index) always fall in the same scale block, so each lane of
+  // the pair decodes the scales of half the n-tiles (j = 2i + (t & 1)) and takes the other
+  // half from its partner with one shuffle: half the scale loads and arithmetic, which at
+  // M = 16 are a sixth of the chunk loop. Warp-uniform.
+  const bool pair = log2_b0 >= 6 && (G & 1) == 0;
+  const bool odd = (t & 1) != 0;
+  int pair_group[NT / 2];  // the row of n-tile 2i + (t & 1)
+#pragma unroll
+  for (int i = 0; i < NT / 2; ++i) pair_group[i] = odd ? row_group[2 * i + 1] : row_group[2 * i];
   auto fetch = [&](int c, uint32_t (&wd)[NT][Bits]) {
     const int qc = min(4 * c + t, G - 1);
 #pragma unroll
     for (int j = 0; j < NT; ++j)
       load_group<Bits>(qcodes + static_cast<int64_t>(row_group[j] + qc) * Bits, wd[j]);
+    if (pair) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const uint32_t j0 = static_cast<uint32_t>(row_group[j] + qc) * 32u >> log2_b0;
-      raw_lo[j] = load_scale_raw(sa, j0);
-      if (split) raw_hi[j] = load_scale_raw(sa, j0 + 1);  // groups are full: it exists
+      for (int i = 0; i < NT / 2; ++i)
+        raw_lo[i] = load_scale_raw(sa, static_cast<uint32_t>(pair_group[i] + qc) * 32u >> log2_b0);
+    } else {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint32_t j0 = static_cast<uint32_t>(row_group[j] + qc) * 32u >> log2_b0;
+        raw_lo[j] = load_scale_raw(sa, j0);
+        if (split) raw_hi[j] = load_scale_raw(sa, j0 + 1);  // groups are full: it exists
+      }
     }
   };
+  // Scales of inactive lanes are computed from a valid (clamped) group and then zeroed by a
+  // select, not skipped by a branch. The pair shuffles run in every mode, outside the
+  // mode's branches, so that they stay plain warp-wide shuffles.
   float s_lo[NT], s_hi[NT];
   auto finish = [&](int c) {
     const bool active = 4 * c + t < G;
+    float v[NT], vh[NT];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      s_lo[j] = active ? finish_scale(sa, raw_lo[j], o) : 0.f;
-      s_hi[j] = split ? (active ? finish_scale(sa, raw_hi[j], o) : 0.f) : s_lo[j];
+    for (int j = 0; j < NT / 2; ++j) v[j] = finish_scale(sa, raw_lo[j], o);
+    if (!pair) {
+#pragma unroll
+      for (int j = NT / 2; j < NT; ++j) v[j] = finish_scale(sa, raw_lo[j], o);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) vh[j] = v[j];
+    if (split) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) vh[j] = finish_scale(sa, raw_hi[j], o);
+    }
+#pragma unroll
+    for (int i = 0; i < NT / 2; ++i) {
+      const float other = __shfl_xor_sync(kFullMask, v[i], 1);
+      const float even = pair ? (odd ? other : v[i]) : v[2 * i];
+      const float odd_j = pair ? (odd ? v[i] : other) : v[2 * i + 1];
+      // Non-pair mode reads v[2i], v[2i + 1] directly, pair mode only v[0 .. NT/2).
+      s_lo[2 * i] = active ? even : 0.f;
+      s_lo[2 * i + 1] = active ? odd_j : 0.f;
+      s_hi[2 * i] = active ? (pair ? even : vh[2 * i]) : 0.f;
+      s_hi[2 * i + 1] = active ? (pair ? odd_j : vh[2 * i + 1]) : 0.f;
     }
   };
   if (c_begin < c_end) {
