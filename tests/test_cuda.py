@@ -352,11 +352,11 @@ def test_qmatmul_tensor_cores_paired_scales_exact(c, m, be):
 
 @pytest.mark.parametrize("m", [2, 3, 4])
 def test_qmatmul_tall_small_m_on_tensor_cores(m, be):
-    # M = 2..4 of a matrix with >= 10240 rows goes to the tensor-core kernel for NF2-NF4
-    # (launch.h qmatmul_use_mma), NF5+ stays on the decode kernel: one-hot rows are exact
-    # on both, random rows (+ LoRA) within the baseline tolerance. 10248 rows: a partial
-    # last block of 32 rows.
-    rows, cols = 10248, 160  # 5 groups per row: one chunk and a partial one
+    # M = 2 of a matrix with >= 8192 rows, and M = 3, 4 with >= 4096, go to the tensor-core
+    # kernel for NF2-NF4 (launch.h qmatmul_use_mma), NF5+ stays on the decode kernel:
+    # one-hot rows are exact on both, random rows (+ LoRA) within the baseline tolerance.
+    # 8200 and 4104 rows: just past each threshold, a partial last block of 32 rows.
+    rows, cols = (8200 if m == 2 else 4104), 160  # 5 groups per row: one chunk and a partial one
     for c in (grid.DEFAULT, QuantConfig(2, 32, 8, 64), QuantConfig(3, 16, 4, 64),
               QuantConfig(5, 64, 8, 64)):
         packed, w = _packed(be, rows, cols, c, seed=m)

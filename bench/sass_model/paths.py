@@ -31,7 +31,8 @@ from .module import Kernel
 
 K_SMALL_M = 16          # launch.h kSmallM
 K_MMA_MIN_M = 4         # launch.h kMmaMinM: the tensor-core kernel takes M > 4
-K_MMA_TALL_ROWS = 10240  # launch.h kMmaTallRows: and M >= 2 for NF2-NF4 with this many rows
+K_MMA_TALL_ROWS = 8192  # launch.h kMmaTallRows: and M >= 2 for NF2-NF4 with this many rows
+K_MMA_MID_ROWS = 4096   # launch.h kMmaMidRows: and M >= 3 for NF2-NF4 with this many rows
 K_MMA_MAX_M = 64        # launch.h kMmaMaxM
 K_CHUNK_ELEMS = 1 << 26  # ops_cuda.cpp kChunkElems
 FUSED_KERNELS = ("fast", "mma")
@@ -122,7 +123,9 @@ def use_mma(x_dtype: str, M: int, N: int, K: int, bits: int) -> bool:
     """launch.h qmatmul_use_mma."""
     if x_dtype == "float32" or K % 32 != 0:
         return False
-    return M > K_MMA_MIN_M or (M >= 2 and N >= K_MMA_TALL_ROWS and bits <= 4)
+    if M > K_MMA_MIN_M:
+        return True
+    return bits <= 4 and ((M >= 2 and N >= K_MMA_TALL_ROWS) or (M >= 3 and N >= K_MMA_MID_ROWS))
 
 
 def fused_kernel(x_dtype: str, M: int, N: int, K: int, bits: int) -> Optional[str]:

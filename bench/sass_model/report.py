@@ -121,8 +121,8 @@ def md_fast_vs_mma(rows: List[dict]) -> List[str]:
     L = ["## CUDA-core decode kernel vs tensor-core kernel at M = 1..4 (16-bit x)", "",
          "qmatmul_fast_kernel ((MT, R) = (1, 4) at M = 1, (4, 4) at M = 2..4) against "
          "qmatmul_mma_kernel<Bits, bf16, 1> at the same M. Dispatch sends M >= 2 of NF2-NF4 "
-         "matrices with at least 10240 rows to the tensor-core kernel (launch.h "
-         "qmatmul_use_mma), everything else at M <= 4 to the decode kernel. instr/w: "
+         "matrices with at least 8192 rows, and M >= 3 with at least 4096, to the tensor-core "
+         "kernel (launch.h qmatmul_use_mma), everything else at M <= 4 to the decode kernel. instr/w: "
          "lane-instructions per weight over the launch; `faster`: the kernel predicted faster "
          "on that device; `dispatched`: the one the op runs.", "",
          "| shape | NF | M | fast instr/w | mma instr/w | H100 fast us (bound) | H100 mma us (bound) "
@@ -193,11 +193,12 @@ def to_markdown(doc: dict, targets: Sequence[dict], before: Optional[dict] = Non
     L += md_lora(doc.get("lora_detail", []))
     L += md_path_table(R.get("decode", []), "qmatmul, M <= 4: CUDA-core decode kernel",
                        "qmatmul_fast_kernel<Bits, bf16, MT, R>: (MT, R) = (1, 4) at M = 1, (4, 4) at "
-                       "M <= 4; not M >= 2 of NF2-NF4 matrices with >= 10240 rows (the next "
-                       "table).", targets, old)
+                       "M <= 4; not M >= 2 of NF2-NF4 matrices with >= 8192 rows, nor M >= 3 "
+                       "with >= 4096 (the next table).", targets, old)
     L += md_path_table(R.get("tensor_core", []), "qmatmul, 4 < M <= 64: tensor-core kernel",
                        "qmatmul_mma_kernel<Bits, bf16, MT16>: MT16 = 1, 2, 4 M tiles of 16 for "
-                       "M <= 16, 32, 64, and M = 2..4 of NF2-NF4 matrices with >= 10240 rows. "
+                       "M <= 16, 32, 64, and M = 2..4 of NF2-NF4 matrices with >= 8192 rows "
+                       "(M = 3, 4: >= 4096). "
                        "Target at M = 16, 8192^2: >= 2.5x.", targets, old)
     L += md_path_table(R.get("large_m", []), "qmatmul, M > 64: dequantize + cuBLAS",
                        "dequantize_kernel (chunks of 2^26 / K rows) then cuBLAS, each chunk's "

@@ -99,15 +99,17 @@ constexpr int kSmallM = 16;
 constexpr int kMmaMinM = 4;
 // At M = 2..4 the decode kernel redoes its per-weight work for every row of x, the
 // tensor-core kernel does not; but it has a grid of rows / 32 blocks, which leaves the SMs
-// short of warps below ~10k rows. The SASS cost model (bench/results/sass_cost_model.md,
-// "CUDA-core decode kernel vs tensor-core kernel") puts it 1.16-1.5x ahead at 11008 and
-// 28672 rows for NF2-NF4, behind at 8192 rows and below (0.4-0.9x at M = 2), and even
-// for NF8.
-constexpr int64_t kMmaTallRows = 10240;
+// short of warps for short matrices. The SASS cost model (bench/results/sass_cost_model.md,
+// "CUDA-core decode kernel vs tensor-core kernel") puts it ahead for NF2-NF4 from 8192 rows
+// at M = 2 (1.2-1.6x at 8192 and 28672 rows) and from 4096 rows at M = 3, 4 (1.01-1.27x),
+// behind at 4096 rows and M = 2 and on the small (576-1536 row) shapes, and even for NF8.
+constexpr int64_t kMmaTallRows = 8192;  // M >= 2
+constexpr int64_t kMmaMidRows = 4096;   // M >= 3
 // For 16-bit x (the tensor-core kernel takes nothing else).
 inline bool qmatmul_use_mma(int M, int64_t rows, int64_t cols, int bits) {
   if (cols % 32 != 0) return false;
-  return M > kMmaMinM || (M >= 2 && rows >= kMmaTallRows && bits <= 4);
+  if (M > kMmaMinM) return true;
+  return bits <= 4 && ((M >= 2 && rows >= kMmaTallRows) || (M >= 3 && rows >= kMmaMidRows));
 }
 // Beyond 64 rows dequantize + cuBLAS wins: the SASS cost model puts M = 128 at 183 us on
 // the MMA kernel (every warp reloads its x rows per chunk through L1) against 104 us, for
