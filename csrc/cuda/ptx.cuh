@@ -1,8 +1,9 @@
 // Named wrappers for the inline PTX the kernels use: tensor-core MMA, ldmatrix, cp.async,
 // a shared-memory table load, and the acquire/release pair of a grid-level flag.
-// Each is one instruction on the GPU (the table load two). Under the SIMT emulator (LQLORA_EMU) the same names are
-// defined by csrc/emu/ptx_emu.h from the PTX ISA's fragment layouts, as warp collectives; this
-// #if is, with LQ_LAUNCH's, the only place kernel code tells the two builds apart.
+// Each is one instruction on the GPU (the table load two). Under the SIMT emulator
+// (LQLORA_EMU) the same names are defined by csrc/emu/ptx_emu.h from the PTX ISA's fragment
+// layouts, as warp collectives; this #if is, with LQ_LAUNCH's, the only place kernel code
+// tells the two builds apart.
 //
 // Fragment layouts of mma.sync.m16n8k16.row.col with 16-bit A/B and fp32 C/D (PTX ISA,
 // "Matrix Fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4, two 16-bit elements per
